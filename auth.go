@@ -1,0 +1,394 @@
+package main
+
+// auth.go is the whole JWT path, in the order a request meets it:
+// loading keys (start-up refuses anything unsafe), verifying a bearer token,
+// the middleware REST and MCP share, and minting keys for `agentline token`.
+
+import (
+	"context"
+	"crypto"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+)
+
+// minRSABits: 512-bit RSA (what Omnara shipped) is factorable on rented
+// hardware; 2048 is the floor every current guideline sets.
+const minRSABits = 2048
+
+// maxTokenLen bounds the work an attacker can make us do per request. Our
+// own tokens are under 400 bytes.
+const maxTokenLen = 4096
+
+// ---- keys ----
+
+// publicKey is one configured verification key.
+type publicKey struct {
+	key crypto.PublicKey // ed25519.PublicKey or *rsa.PublicKey
+	alg string           // the one JWT algorithm this key verifies
+	kid string           // fingerprint: first 16 hex digits of SHA-256 over its PKIX DER
+}
+
+// readKeyText returns v itself when it holds PEM text, else the contents of
+// the file v names.
+func readKeyText(v string) ([]byte, error) {
+	if strings.Contains(v, "-----BEGIN") {
+		return []byte(v), nil
+	}
+	b, err := os.ReadFile(v)
+	if err != nil {
+		return nil, fmt.Errorf("not PEM text and not a readable file: %w", err)
+	}
+	return b, nil
+}
+
+// fingerprint names a public key in a token's kid header.
+func fingerprint(pub crypto.PublicKey) string {
+	der, _ := x509.MarshalPKIXPublicKey(pub)
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:8])
+}
+
+// checkKey returns the algorithm pinned to pub, or an error for any key type
+// or size we refuse.
+func checkKey(pub crypto.PublicKey) (string, error) {
+	switch k := pub.(type) {
+	case ed25519.PublicKey:
+		return jwt.SigningMethodEdDSA.Alg(), nil
+	case *rsa.PublicKey:
+		if k.N.BitLen() < minRSABits {
+			return "", fmt.Errorf("RSA key of %d bits: under %d bits is refused (512-bit RSA is factorable); run `agentline keygen` for an Ed25519 pair", k.N.BitLen(), minRSABits)
+		}
+		return jwt.SigningMethodRS256.Alg(), nil
+	default:
+		return "", fmt.Errorf("unsupported key type %T: use Ed25519 (`agentline keygen`) or RSA of %d bits or more", pub, minRSABits)
+	}
+}
+
+// parsePublicKeys reads every PEM block of text as a public key. Several
+// blocks mean rotation: a token verifies against any of them.
+func parsePublicKeys(text []byte) ([]publicKey, error) {
+	var keys []publicKey
+	for {
+		var block *pem.Block
+		block, text = pem.Decode(text)
+		if block == nil {
+			break
+		}
+		var pub crypto.PublicKey
+		var err error
+		switch block.Type {
+		case "PUBLIC KEY":
+			pub, err = x509.ParsePKIXPublicKey(block.Bytes)
+		case "RSA PUBLIC KEY":
+			pub, err = x509.ParsePKCS1PublicKey(block.Bytes)
+		default:
+			if strings.Contains(block.Type, "PRIVATE") {
+				// A private key where a public one belongs would put the
+				// signing key on every server that only needs to verify.
+				return nil, errors.New("holds a private key; give the public key (jwt-public.pem from `agentline keygen`)")
+			}
+			return nil, fmt.Errorf("PEM block %q is not a public key", block.Type)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("bad public key: %w", err)
+		}
+		alg, err := checkKey(pub)
+		if err != nil {
+			return nil, err
+		}
+		keys = append(keys, publicKey{key: pub, alg: alg, kid: fingerprint(pub)})
+	}
+	if len(keys) == 0 {
+		// This is also where an HMAC secret ends up: shared secrets are
+		// refused, since every verifier could then mint keys.
+		return nil, errors.New("no PEM public key found; run `agentline keygen` and set JWT_PUBLIC_KEY to jwt-public.pem")
+	}
+	return keys, nil
+}
+
+// loadPublicKeys reads JWT_PUBLIC_KEY's value (PEM text or a file path).
+func loadPublicKeys(v string) ([]publicKey, error) {
+	text, err := readKeyText(v)
+	if err != nil {
+		return nil, fmt.Errorf("JWT_PUBLIC_KEY: %w", err)
+	}
+	keys, err := parsePublicKeys(text)
+	if err != nil {
+		return nil, fmt.Errorf("JWT_PUBLIC_KEY: %w", err)
+	}
+	return keys, nil
+}
+
+// loadPrivateKey reads JWT_PRIVATE_KEY's value (PEM text or a file path):
+// an Ed25519 key, or RSA of at least minRSABits.
+func loadPrivateKey(v string) (crypto.Signer, error) {
+	text, err := readKeyText(v)
+	if err != nil {
+		return nil, fmt.Errorf("JWT_PRIVATE_KEY: %w", err)
+	}
+	block, _ := pem.Decode(text)
+	if block == nil {
+		return nil, errors.New("JWT_PRIVATE_KEY: no PEM private key found")
+	}
+	var key any
+	switch block.Type {
+	case "PRIVATE KEY":
+		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
+	case "RSA PRIVATE KEY":
+		key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
+	default:
+		return nil, fmt.Errorf("JWT_PRIVATE_KEY: PEM block %q is not a private key", block.Type)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("JWT_PRIVATE_KEY: %w", err)
+	}
+	signer, ok := key.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("JWT_PRIVATE_KEY: unsupported key type %T", key)
+	}
+	if _, err := checkKey(signer.Public()); err != nil {
+		return nil, fmt.Errorf("JWT_PRIVATE_KEY: %w", err)
+	}
+	return signer, nil
+}
+
+// keygen writes a new Ed25519 pair to dir: jwt-private.pem (0600) and
+// jwt-public.pem. It refuses to overwrite an existing private key.
+func keygen(dir string) error {
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return err
+	}
+	privDER, err := x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		return err
+	}
+	pubDER, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("keygen: %w", err)
+	}
+	privPath := filepath.Join(dir, "jwt-private.pem")
+	f, err := os.OpenFile(privPath, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("keygen: %w", err)
+	}
+	if err := pem.Encode(f, &pem.Block{Type: "PRIVATE KEY", Bytes: privDER}); err != nil {
+		f.Close()
+		return fmt.Errorf("keygen: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("keygen: %w", err)
+	}
+	pubPEM := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER})
+	if err := os.WriteFile(filepath.Join(dir, "jwt-public.pem"), pubPEM, 0o644); err != nil {
+		return fmt.Errorf("keygen: %w", err)
+	}
+	return nil
+}
+
+// signToken mints an API key for userID: sub, iat, a random jti (so two
+// keys are never equal, and neither are their hashes), exp when ttl > 0, and
+// the signing key's fingerprint as kid.
+func signToken(signer crypto.Signer, userID string, ttl time.Duration, now time.Time) (string, *time.Time, error) {
+	method := jwt.SigningMethod(jwt.SigningMethodEdDSA)
+	if _, ok := signer.(*rsa.PrivateKey); ok {
+		method = jwt.SigningMethodRS256
+	}
+	claims := jwt.MapClaims{"sub": userID, "iat": now.Unix(), "jti": newUUID()}
+	var exp *time.Time
+	if ttl > 0 {
+		t := now.Add(ttl)
+		exp = &t
+		claims["exp"] = t.Unix()
+	}
+	tok := jwt.NewWithClaims(method, claims)
+	tok.Header["kid"] = fingerprint(signer.Public())
+	s, err := tok.SignedString(signer)
+	return s, exp, err
+}
+
+// hashToken is how a key is found in api_keys: SHA-256 of the whole token,
+// lower-case hex (as Omnara stores it).
+func hashToken(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return hex.EncodeToString(sum[:])
+}
+
+// ---- verification ----
+
+// caller is who a request comes from, as its verified key says.
+type caller struct {
+	UserID string
+	KeyID  string
+	Scope  string // "agent" or "person"
+}
+
+// authError is a refused key; its message is safe to send to the client.
+type authError struct{ msg string }
+
+func (e *authError) Error() string { return e.msg }
+
+var (
+	errKeyInvalid = &authError{"invalid API key"}
+	errKeyExpired = &authError{"API key expired"}
+	errNoKey      = &authError{"missing API key: send Authorization: Bearer <key>"}
+)
+
+// verifier checks bearer tokens against the configured keys and api_keys.
+type verifier struct {
+	keys  []publicKey
+	store *store
+	log   *slog.Logger
+	now   func() time.Time
+}
+
+// verify returns the caller a token belongs to. Order: size, signature with
+// an algorithm pinned by the key type, time claims, sub, then the key's row in
+// api_keys (registered, active, unexpired, same user). It returns an
+// *authError for a refused token and another error if the database failed.
+func (v *verifier) verify(ctx context.Context, token string) (caller, error) {
+	if token == "" || len(token) > maxTokenLen {
+		return caller{}, errKeyInvalid
+	}
+	now := v.now()
+	var methods []string
+	for _, k := range v.keys {
+		methods = append(methods, k.alg)
+	}
+	parser := jwt.NewParser(
+		// Only the algorithms of the configured keys: this is what refuses
+		// "none", HS256 keyed with the public key's bytes, and every mismatch.
+		jwt.WithValidMethods(methods),
+		jwt.WithLeeway(time.Second),
+		jwt.WithTimeFunc(func() time.Time { return now }),
+	)
+	claims := jwt.MapClaims{}
+	_, err := parser.ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) {
+		alg := t.Method.Alg()
+		kid, hasKid := t.Header["kid"]
+		var set jwt.VerificationKeySet
+		for _, k := range v.keys {
+			if k.alg != alg {
+				continue
+			}
+			// A kid is only ever compared with our fingerprints: it never
+			// names a file, a URL or a row.
+			if hasKid && kid != k.kid {
+				continue
+			}
+			set.Keys = append(set.Keys, k.key)
+		}
+		if len(set.Keys) == 0 {
+			return nil, errors.New("no key for this token")
+		}
+		return set, nil
+	})
+	if errors.Is(err, jwt.ErrTokenExpired) {
+		return caller{}, errKeyExpired
+	}
+	if err != nil {
+		return caller{}, errKeyInvalid
+	}
+	// iat in the future means a wrong clock or a forged token; we allow
+	// five minutes of skew.
+	if iat, err := claims.GetIssuedAt(); err != nil || iat != nil && iat.After(now.Add(5*time.Minute)) {
+		return caller{}, errKeyInvalid
+	}
+	sub, _ := claims["sub"].(string)
+	userID, ok := parseUUID(sub)
+	if !ok {
+		return caller{}, errKeyInvalid
+	}
+	// A valid signature is not enough: the key must be registered and
+	// active, so `revoke` works and a leaked signing key cannot mint keys.
+	k, err := v.store.apiKeyByHash(ctx, hashToken(token))
+	if errors.Is(err, errNotFound) {
+		return caller{}, errKeyInvalid
+	}
+	if err != nil {
+		return caller{}, err
+	}
+	if !k.Active || k.UserID != userID {
+		return caller{}, errKeyInvalid
+	}
+	if k.ExpiresAt.Valid && !now.Before(k.ExpiresAt.Time) {
+		return caller{}, errKeyExpired
+	}
+	if !k.LastUsedAt.Valid || now.Sub(k.LastUsedAt.Time) > time.Minute {
+		if err := v.store.touchAPIKey(ctx, k.ID); err != nil {
+			v.log.Warn("touch api key", "key_id", k.ID, "err", err)
+		}
+	}
+	return caller{UserID: userID, KeyID: k.ID, Scope: k.Scope}, nil
+}
+
+// ---- middleware ----
+
+type callerKey struct{}
+
+// callerFrom returns the verified caller of a request that passed requireKey.
+func callerFrom(ctx context.Context) (caller, bool) {
+	c, ok := ctx.Value(callerKey{}).(caller)
+	return c, ok
+}
+
+// bearerToken returns the token of an "Authorization: Bearer …" header.
+// Tokens in query strings are ignored: URLs end up in logs and histories.
+func bearerToken(r *http.Request) string {
+	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return ""
+	}
+	return strings.TrimSpace(token)
+}
+
+// requireKey lets a request through only with a verified key, and puts the
+// caller in its context. REST and MCP both sit behind it.
+func requireKey(v *verifier, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		token := bearerToken(r)
+		if token == "" {
+			writeUnauthorized(w, errNoKey)
+			return
+		}
+		c, err := v.verify(r.Context(), token)
+		var ae *authError
+		if errors.As(err, &ae) {
+			writeUnauthorized(w, ae)
+			return
+		}
+		if err != nil {
+			writeError(w, r, v.log, err)
+			return
+		}
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callerKey{}, c)))
+	})
+}
+
+const (
+	scopeAgent  = "agent"
+	scopePerson = "person"
+)
+
+func writeUnauthorized(w http.ResponseWriter, e *authError) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="agentline"`)
+	writeJSON(w, http.StatusUnauthorized, errorBody{Detail: e.msg})
+}

@@ -1,0 +1,485 @@
+// Command agentline is the server AI coding agents talk to while they work:
+// they log steps, ask a person questions and wait for the answer, pick up
+// feedback and end their sessions, over MCP and a REST API.
+package main
+
+import (
+	"context"
+	"crypto"
+	"database/sql"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+func main() {
+	if err := run(context.Background(), os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "agentline:", err)
+		os.Exit(1)
+	}
+}
+
+// config is everything agentline reads from its environment.
+type config struct {
+	databaseURL     string // empty: run the embedded PostgreSQL in dataDir
+	dataDir         string
+	port            string
+	publicKey       string // PEM text or a path
+	privateKey      string
+	questionTimeout time.Duration
+	callLimit       time.Duration // 0: an ask_question call waits up to questionTimeout
+}
+
+// loadConfig reads and checks the environment; a value that does not parse
+// stops start-up with a message naming the variable.
+func loadConfig(getenv func(string) string) (config, error) {
+	c := config{
+		databaseURL: getenv("DATABASE_URL"),
+		dataDir:     getenv("AGENTLINE_DATA"),
+		port:        getenv("MCP_SERVER_PORT"),
+		publicKey:   getenv("JWT_PUBLIC_KEY"),
+		privateKey:  getenv("JWT_PRIVATE_KEY"),
+	}
+	if c.dataDir == "" {
+		c.dataDir = "agentline-data"
+	}
+	if c.port == "" {
+		c.port = "8080"
+	}
+	if p, err := strconv.Atoi(c.port); err != nil || p < 0 || p > 65535 {
+		return c, fmt.Errorf("MCP_SERVER_PORT=%q: want a port number", c.port)
+	}
+	var err error
+	if c.questionTimeout, err = durationEnv(getenv, "QUESTION_TIMEOUT", 24*time.Hour); err != nil {
+		return c, err
+	}
+	if c.questionTimeout <= 0 {
+		return c, errors.New("QUESTION_TIMEOUT must be positive")
+	}
+	if c.callLimit, err = durationEnv(getenv, "ASK_QUESTION_CALL_LIMIT", 280*time.Second); err != nil {
+		return c, err
+	}
+	if c.callLimit < 0 {
+		return c, errors.New("ASK_QUESTION_CALL_LIMIT must not be negative")
+	}
+	return c, nil
+}
+
+// durationEnv parses a Go duration ("90s", "24h") or a plain number of seconds.
+func durationEnv(getenv func(string) string, name string, def time.Duration) (time.Duration, error) {
+	v := strings.TrimSpace(getenv(name))
+	if v == "" {
+		return def, nil
+	}
+	if secs, err := strconv.ParseFloat(v, 64); err == nil {
+		return time.Duration(secs * float64(time.Second)), nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return 0, fmt.Errorf("%s=%q: want a duration like 90s or 24h, or a number of seconds", name, v)
+	}
+	return d, nil
+}
+
+const usage = `usage:
+  agentline [serve]                 run the server
+  agentline migrate                 apply the schema and exit
+  agentline keygen -dir D           write an Ed25519 key pair to D
+  agentline token -user EMAIL [-name N] [-ttl 720h] [-scope agent|person]
+                                    register a new API key and print it
+  agentline revoke KEY_OR_ID        revoke an API key`
+
+// run is agentline: main with its outside world passed in.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	cmd, rest := "serve", []string(nil)
+	if len(args) > 1 {
+		cmd, rest = args[1], args[2:]
+	}
+	if cmd == "keygen" {
+		return runKeygen(rest, stdout)
+	}
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	switch cmd {
+	case "serve":
+		return serve(ctx, cfg, log, stdout, stderr)
+	case "migrate":
+		db, _, closeDB, err := openDatabase(ctx, cfg, stderr)
+		if err != nil {
+			return err
+		}
+		defer closeDB()
+		if err := migrate(ctx, db); err != nil {
+			return err
+		}
+		fmt.Fprintln(stderr, "schema applied")
+		return nil
+	case "token":
+		return runToken(ctx, cfg, rest, stdout, stderr)
+	case "revoke":
+		return runRevoke(ctx, cfg, rest, stderr)
+	case "help", "-h", "-help", "--help":
+		fmt.Fprintln(stdout, usage)
+		return nil
+	default:
+		return fmt.Errorf("unknown command %q\n%s", cmd, usage)
+	}
+}
+
+func runKeygen(args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("keygen", flag.ContinueOnError)
+	dir := fs.String("dir", "", "folder for jwt-private.pem and jwt-public.pem")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *dir == "" {
+		return errors.New("keygen: -dir is required")
+	}
+	if err := keygen(*dir); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "wrote %s (keep it secret) and %s\n", filepath.Join(*dir, "jwt-private.pem"), filepath.Join(*dir, "jwt-public.pem"))
+	return nil
+}
+
+func runToken(ctx context.Context, cfg config, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("token", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	email := fs.String("user", "", "the user's email (created if new)")
+	name := fs.String("name", "", "a name for the key")
+	ttl := fs.Duration("ttl", 0, "lifetime of the key, e.g. 720h (default: no expiry)")
+	scope := fs.String("scope", scopeAgent, "agent (write) or person (write and read)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *email == "" || !strings.Contains(*email, "@") {
+		return errors.New("token: -user EMAIL is required")
+	}
+	if *scope != scopeAgent && *scope != scopePerson {
+		return fmt.Errorf("token: -scope must be %s or %s", scopeAgent, scopePerson)
+	}
+	if *ttl < 0 {
+		return errors.New("token: -ttl must not be negative")
+	}
+	signer, err := tokenSigner(cfg)
+	if err != nil {
+		return err
+	}
+	db, _, closeDB, err := openDatabase(ctx, cfg, stderr)
+	if err != nil {
+		return err
+	}
+	defer closeDB()
+	if err := migrate(ctx, db); err != nil {
+		return err
+	}
+	st := &store{db: db}
+	tok, err := issueKey(ctx, st, signer, *email, *name, *scope, *ttl)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, tok)
+	return nil
+}
+
+// issueKey creates the user if new, signs a key and registers it.
+func issueKey(ctx context.Context, st *store, signer crypto.Signer, email, name, scope string, ttl time.Duration) (string, error) {
+	userID, err := st.ensureUser(ctx, email)
+	if err != nil {
+		return "", err
+	}
+	tok, exp, err := signToken(signer, userID, ttl, time.Now())
+	if err != nil {
+		return "", err
+	}
+	if _, err := st.addAPIKey(ctx, userID, name, hashToken(tok), scope, exp); err != nil {
+		return "", err
+	}
+	return tok, nil
+}
+
+// tokenSigner is JWT_PRIVATE_KEY, or in embedded mode the pair in the data
+// folder.
+func tokenSigner(cfg config) (crypto.Signer, error) {
+	if cfg.privateKey != "" {
+		return loadPrivateKey(cfg.privateKey)
+	}
+	if cfg.databaseURL != "" {
+		return nil, errors.New("JWT_PRIVATE_KEY is not set: point it at jwt-private.pem from `agentline keygen`")
+	}
+	path := filepath.Join(cfg.dataDir, "jwt-private.pem")
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("no key pair in %s yet: start the server once (`agentline`) or set JWT_PRIVATE_KEY", cfg.dataDir)
+	}
+	return loadPrivateKey(path)
+}
+
+func runRevoke(ctx context.Context, cfg config, args []string, stderr io.Writer) error {
+	if len(args) != 1 || args[0] == "" {
+		return errors.New("usage: agentline revoke KEY_OR_ID")
+	}
+	target := strings.TrimSpace(args[0])
+	if _, isID := parseUUID(target); !isID {
+		target = hashToken(target) // a whole key: find it by its hash
+	}
+	db, _, closeDB, err := openDatabase(ctx, cfg, stderr)
+	if err != nil {
+		return err
+	}
+	defer closeDB()
+	if err := migrate(ctx, db); err != nil {
+		return err
+	}
+	if err := (&store{db: db}).revokeAPIKey(ctx, target); err != nil {
+		if errors.Is(err, errNotFound) {
+			return errors.New("revoke: no such key")
+		}
+		return err
+	}
+	fmt.Fprintln(stderr, "key revoked")
+	return nil
+}
+
+// openDatabase connects to DATABASE_URL, or starts (or reuses) the embedded
+// PostgreSQL in the data folder. It returns the DSN for the hub's listener and
+// a function that closes the pool and stops a PostgreSQL it started.
+func openDatabase(ctx context.Context, cfg config, logw io.Writer) (*sql.DB, string, func(), error) {
+	dsn := cfg.databaseURL
+	var pg *localPG
+	if dsn == "" {
+		if err := os.MkdirAll(cfg.dataDir, 0o711); err != nil {
+			return nil, "", nil, fmt.Errorf("data folder: %w", err)
+		}
+		var err error
+		pg, err = openLocalPG(ctx, filepath.Join(cfg.dataDir, "pg"), logw)
+		if err != nil {
+			return nil, "", nil, err
+		}
+		if err := createDatabase(ctx, pg.dsn("postgres"), "agentline"); err != nil {
+			pg.stop()
+			return nil, "", nil, err
+		}
+		dsn = pg.dsn("agentline")
+	}
+	db, err := sql.Open("postgres", dsn)
+	if err != nil {
+		if pg != nil {
+			pg.stop()
+		}
+		return nil, "", nil, fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	db.SetMaxOpenConns(40)
+	db.SetMaxIdleConns(40)
+	db.SetConnMaxIdleTime(5 * time.Minute)
+	return db, dsn, func() {
+		db.Close()
+		if pg != nil {
+			if err := pg.stop(); err != nil {
+				fmt.Fprintln(logw, "stopping PostgreSQL:", err)
+			}
+		}
+	}, nil
+}
+
+// createDatabase creates database name unless it exists.
+func createDatabase(ctx context.Context, adminDSN, name string) error {
+	db, err := sql.Open("postgres", adminDSN)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	_, err = db.ExecContext(ctx, `CREATE DATABASE `+pq.QuoteIdentifier(name))
+	var pqErr *pq.Error
+	if errors.As(err, &pqErr) && pqErr.Code == "42P04" { // duplicate_database
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("create database %s: %w", name, err)
+	}
+	return nil
+}
+
+// app is the running service: what every handler needs.
+type app struct {
+	store    *store
+	hub      *hub
+	verifier *verifier
+	log      *slog.Logger
+	cfg      config
+	stopping context.Context // done when the server begins to shut down
+	mcp      *mcpServer
+	// progressEvery overrides how often ask_question reports progress
+	// (tests shorten it); zero means the default.
+	progressEvery time.Duration
+}
+
+// routes is the whole HTTP surface of agentline.
+func (a *app) routes() http.Handler {
+	mux := http.NewServeMux()
+	auth := func(h http.Handler) http.Handler { return requireKey(a.verifier, h) }
+
+	mux.Handle("GET /health", a.handleHealth())
+	mux.Handle("POST /api/v1/messages/agent", auth(a.handleAgentMessage()))
+	mux.Handle("POST /api/v1/messages/user", auth(a.handleUserMessage()))
+	mux.Handle("GET /api/v1/messages/pending", auth(a.handlePending()))
+	mux.Handle("PATCH /api/v1/messages/{message_id}/request-input", auth(a.handleRequestInput()))
+	mux.Handle("POST /api/v1/sessions/end", auth(a.handleEndSession()))
+
+	mux.Handle("/mcp", auth(a.mcp.streamable))
+	mux.Handle("/mcp/", auth(a.mcp.streamable))
+	mux.Handle("/mcp/sse", auth(a.mcp.sse))
+
+	mux.Handle("/api/", a.handleNoRoute())
+	return mux
+}
+
+func (a *app) handleNoRoute() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, errorBody{"no such endpoint"})
+	}
+}
+
+// serve runs the server until ctx ends, then shuts down: in-flight requests
+// finish, waits end with a clean error, the embedded PostgreSQL stops.
+func serve(ctx context.Context, cfg config, log *slog.Logger, stdout, stderr io.Writer) error {
+	embedded := cfg.databaseURL == ""
+	firstRun := false
+	if cfg.publicKey == "" {
+		if !embedded {
+			return errors.New("DATABASE_URL is set but JWT_PUBLIC_KEY is not: run `agentline keygen -dir DIR` and set JWT_PUBLIC_KEY=DIR/jwt-public.pem (and JWT_PRIVATE_KEY for `agentline token`)")
+		}
+		var err error
+		if firstRun, err = ensureLocalKeys(cfg.dataDir); err != nil {
+			return err
+		}
+		cfg.publicKey = filepath.Join(cfg.dataDir, "jwt-public.pem")
+	}
+	keys, err := loadPublicKeys(cfg.publicKey)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", ":"+cfg.port)
+	if err != nil {
+		return fmt.Errorf("listen on port %s: %w", cfg.port, err)
+	}
+	defer ln.Close()
+
+	db, dsn, closeDB, err := openDatabase(ctx, cfg, stderr)
+	if err != nil {
+		return err
+	}
+	defer closeDB()
+	if err := migrate(ctx, db); err != nil {
+		return err
+	}
+	st := &store{db: db}
+	h, err := newHub(ctx, dsn, log)
+	if err != nil {
+		return err
+	}
+	defer h.close()
+
+	stopping, beginStop := context.WithCancel(context.Background())
+	defer beginStop()
+	a := &app{store: st, hub: h, log: log, cfg: cfg, stopping: stopping,
+		verifier: &verifier{keys: keys, store: st, log: log, now: time.Now}}
+	a.mcp = newMCPServer(a)
+	srv := &http.Server{
+		Handler:           a.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		// No WriteTimeout: long-polls, questions and event streams
+		// legitimately last minutes; each bounds itself.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	if firstRun {
+		if err := printFirstRun(ctx, st, cfg, port, stdout); err != nil {
+			return err
+		}
+	}
+	log.Info("agentline listening", "addr", ln.Addr().String(), "embedded_postgres", embedded)
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	beginStop() // waits answer now; plain requests finish below
+	shutCtx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutCtx); err != nil {
+		srv.Close()
+	}
+	return nil
+}
+
+// ensureLocalKeys makes sure the data folder has a key pair, and reports
+// whether it had to make one (which makes this the first start).
+func ensureLocalKeys(dir string) (bool, error) {
+	if _, err := os.Stat(filepath.Join(dir, "jwt-private.pem")); err == nil {
+		return false, nil
+	}
+	if err := keygen(dir); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// localUser is the user the first start makes keys for.
+const localUser = "me@localhost"
+
+func printFirstRun(ctx context.Context, st *store, cfg config, port int, stdout io.Writer) error {
+	signer, err := loadPrivateKey(filepath.Join(cfg.dataDir, "jwt-private.pem"))
+	if err != nil {
+		return err
+	}
+	agentKey, err := issueKey(ctx, st, signer, localUser, "first agent key", scopeAgent, 0)
+	if err != nil {
+		return err
+	}
+	personKey, err := issueKey(ctx, st, signer, localUser, "first person key", scopePerson, 0)
+	if err != nil {
+		return err
+	}
+	base := fmt.Sprintf("http://localhost:%d", port)
+	fmt.Fprintf(stdout, `
+agentline is ready (first start: this is printed once; keys are not stored in readable form).
+
+Agent key for %s (give it to your agents):
+  %s
+
+Register agentline with Claude Code:
+  claude mcp add --transport http agentline %s/mcp/ --header "Authorization: Bearer %s"
+
+Inbox, to read and answer your agents: %s/
+Person key to paste there (it can read your history; keep it to yourself):
+  %s
+
+More keys: agentline token -user %s [-scope person]
+
+`, localUser, agentKey, base, agentKey, base, personKey, localUser)
+	return nil
+}

@@ -1,0 +1,867 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"database/sql/driver"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// This file holds every SQL statement of agentline. Every statement that
+// touches a session names the caller's user id in its WHERE clause, so tenant
+// isolation can be checked by reading this file alone.
+
+//go:embed schema.sql
+var schemaSQL string
+
+var (
+	// errNotFound: the row is missing or belongs to another user; callers
+	// never learn which.
+	errNotFound = errors.New("not found")
+	// errConflict: the row's state forbids the call.
+	errConflict = errors.New("conflict")
+	// errNeedAgentType: a new session was named without an agent type.
+	errNeedAgentType = errors.New("agent_type is required to create a session")
+)
+
+// notifyChannel is the one LISTEN/NOTIFY channel of agentline. A payload is
+// "KIND USER SESSION SEQ": ids only, never text (payloads are capped at 8000
+// bytes, and text does not belong in a broadcast).
+const notifyChannel = "agentline"
+
+// Session statuses and sender types, as stored.
+const (
+	statusActive        = "ACTIVE"
+	statusAwaitingInput = "AWAITING_INPUT"
+	statusCompleted     = "COMPLETED"
+	senderAgent         = "AGENT"
+	senderUser          = "USER"
+)
+
+type store struct {
+	db *sql.DB
+}
+
+// message is one stored message.
+type message struct {
+	ID                string
+	Seq               int64
+	SessionID         string
+	SenderType        string
+	Content           string
+	RequiresUserInput bool
+	CreatedAt         time.Time
+}
+
+// migrate applies schema.sql under an advisory lock, so two processes starting
+// at once do not race on CREATE … IF NOT EXISTS.
+func migrate(ctx context.Context, db *sql.DB) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(7260151201)`); err != nil {
+		return fmt.Errorf("migrate: lock: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("migrate: commit: %w", err)
+	}
+	return nil
+}
+
+// inTx runs fn in a transaction and commits it if fn returns nil.
+func (s *store) inTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := fn(tx); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// ping reports whether the database answers within ctx.
+func (s *store) ping(ctx context.Context) error {
+	var one int
+	return s.db.QueryRowContext(ctx, `SELECT 1`).Scan(&one)
+}
+
+// cleanText returns s as PostgreSQL can store it: NUL bytes dropped, invalid
+// UTF-8 replaced by U+FFFD.
+func cleanText(s string) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	if strings.IndexByte(s, 0) >= 0 {
+		s = strings.ReplaceAll(s, "\x00", "")
+	}
+	return s
+}
+
+// parseUUID returns s in canonical lower-case 8-4-4-4-12 form, accepting the
+// canonical form and 32 bare hex digits; ok is false for anything else.
+func parseUUID(s string) (id string, ok bool) {
+	var hex string
+	switch len(s) {
+	case 36:
+		if s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
+			return "", false
+		}
+		hex = s[:8] + s[9:13] + s[14:18] + s[19:23] + s[24:]
+	case 32:
+		hex = s
+	default:
+		return "", false
+	}
+	for i := 0; i < len(hex); i++ {
+		c := hex[i]
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return "", false
+		}
+	}
+	hex = strings.ToLower(hex)
+	return hex[:8] + "-" + hex[8:12] + "-" + hex[12:16] + "-" + hex[16:20] + "-" + hex[20:], true
+}
+
+// newUUID returns a random (version 4) UUID.
+func newUUID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}
+
+// ---- users and API keys ----
+
+// ensureUser returns the id of the user with this email, creating the user
+// if there is none.
+func (s *store) ensureUser(ctx context.Context, email string) (string, error) {
+	var id string
+	err := s.db.QueryRowContext(ctx, `
+		INSERT INTO users (email) VALUES ($1)
+		ON CONFLICT (email) DO UPDATE SET updated_at = users.updated_at
+		RETURNING id`, email).Scan(&id)
+	if err != nil {
+		return "", fmt.Errorf("ensure user: %w", err)
+	}
+	return id, nil
+}
+
+// apiKey is a registered key, found by the SHA-256 of its token.
+type apiKey struct {
+	ID         string
+	UserID     string
+	Scope      string
+	Active     bool
+	ExpiresAt  sql.NullTime
+	LastUsedAt sql.NullTime
+}
+
+// addAPIKey registers a key for userID and returns its id.
+func (s *store) addAPIKey(ctx context.Context, userID, name, tokenHash, scope string, expiresAt *time.Time) (string, error) {
+	var id string
+	err := s.db.QueryRowContext(ctx, `
+		INSERT INTO api_keys (user_id, name, api_key_hash, scope, expires_at)
+		VALUES ($1, $2, $3, $4, $5)
+		RETURNING id`, userID, name, tokenHash, scope, expiresAt).Scan(&id)
+	if err != nil {
+		return "", fmt.Errorf("add api key: %w", err)
+	}
+	return id, nil
+}
+
+// apiKeyByHash returns the key whose token hashes to tokenHash, or errNotFound.
+func (s *store) apiKeyByHash(ctx context.Context, tokenHash string) (apiKey, error) {
+	var k apiKey
+	err := s.db.QueryRowContext(ctx, `
+		SELECT id, user_id, scope, is_active, expires_at, last_used_at
+		FROM api_keys WHERE api_key_hash = $1`, tokenHash).
+		Scan(&k.ID, &k.UserID, &k.Scope, &k.Active, &k.ExpiresAt, &k.LastUsedAt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return apiKey{}, errNotFound
+	}
+	if err != nil {
+		return apiKey{}, fmt.Errorf("api key by hash: %w", err)
+	}
+	return k, nil
+}
+
+// touchAPIKey sets last_used_at to now unless it was set less than a minute
+// ago, so a busy key costs one write a minute, not one a request.
+func (s *store) touchAPIKey(ctx context.Context, keyID string) error {
+	_, err := s.db.ExecContext(ctx, `
+		UPDATE api_keys SET last_used_at = now()
+		WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')`, keyID)
+	if err != nil {
+		return fmt.Errorf("touch api key: %w", err)
+	}
+	return nil
+}
+
+// revokeAPIKey deactivates the key with this id or token hash. It returns
+// errNotFound if no key matches.
+func (s *store) revokeAPIKey(ctx context.Context, idOrHash string) error {
+	var res sql.Result
+	var err error
+	if id, ok := parseUUID(idOrHash); ok {
+		res, err = s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false WHERE id = $1`, id)
+	} else {
+		res, err = s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false WHERE api_key_hash = $1`, idOrHash)
+	}
+	if err != nil {
+		return fmt.Errorf("revoke api key: %w", err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return errNotFound
+	}
+	return nil
+}
+
+// ---- sessions and messages ----
+
+// lockSession takes the session's row lock for the rest of tx and returns its
+// read pointer's seq and status. It returns errNotFound if the session is
+// missing or not userID's. Every change to a session's messages or pointer
+// happens under this lock, which is what makes delivery exactly-once.
+func lockSession(ctx context.Context, tx *sql.Tx, userID, sessionID string) (readSeq int64, readID sql.NullString, status string, err error) {
+	err = tx.QueryRowContext(ctx, `
+		SELECT last_read_seq, last_read_message_id, status FROM agent_instances
+		WHERE id = $1 AND user_id = $2
+		FOR UPDATE`, sessionID, userID).Scan(&readSeq, &readID, &status)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, readID, "", errNotFound
+	}
+	if err != nil {
+		return 0, readID, "", fmt.Errorf("lock session: %w", err)
+	}
+	return readSeq, readID, status, nil
+}
+
+// createSession inserts a session for userID with the given agent type. It
+// returns errNotFound if the id is taken (by this user, concurrently, or by
+// another user: the caller re-reads to tell which).
+func createSession(ctx context.Context, tx *sql.Tx, userID, sessionID, agentType string) error {
+	res, err := tx.ExecContext(ctx, `
+		WITH ua AS (
+			INSERT INTO user_agents (user_id, name) VALUES ($2, $3)
+			ON CONFLICT (user_id, name) DO UPDATE SET updated_at = user_agents.updated_at
+			RETURNING id
+		)
+		INSERT INTO agent_instances (id, user_agent_id, user_id)
+		SELECT $1::uuid, ua.id, $2::uuid FROM ua
+		ON CONFLICT (id) DO NOTHING`, sessionID, userID, agentType)
+	if err != nil {
+		return fmt.Errorf("create session: %w", err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return errNotFound
+	}
+	return nil
+}
+
+// lockOrCreateSession locks the session, creating it first when it does not
+// exist and agentType is given. It returns errNeedAgentType for a new id
+// without an agent type and errNotFound for another user's id.
+func lockOrCreateSession(ctx context.Context, tx *sql.Tx, userID, sessionID, agentType string) (readSeq int64, status string, err error) {
+	readSeq, _, status, err = lockSession(ctx, tx, userID, sessionID)
+	if !errors.Is(err, errNotFound) {
+		return readSeq, status, err
+	}
+	if agentType == "" {
+		return 0, "", errNeedAgentType
+	}
+	// A concurrent create by the same user makes this insert wait, then do
+	// nothing; the second lockSession then finds that row.
+	if err := createSession(ctx, tx, userID, sessionID, strings.ToLower(agentType)); err != nil && !errors.Is(err, errNotFound) {
+		return 0, "", err
+	}
+	readSeq, _, status, err = lockSession(ctx, tx, userID, sessionID)
+	return readSeq, status, err
+}
+
+// feedbackAfter returns the user messages of the session after seq, oldest
+// first.
+func feedbackAfter(ctx context.Context, tx *sql.Tx, userID, sessionID string, seq int64) ([]message, error) {
+	rows, err := tx.QueryContext(ctx, `
+		SELECT id, seq, content, requires_user_input, created_at FROM messages
+		WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'USER' AND seq > $3
+		ORDER BY seq`, sessionID, userID, seq)
+	if err != nil {
+		return nil, fmt.Errorf("feedback: %w", err)
+	}
+	defer rows.Close()
+	var out []message
+	for rows.Next() {
+		m := message{SessionID: sessionID, SenderType: senderUser}
+		if err := rows.Scan(&m.ID, &m.Seq, &m.Content, &m.RequiresUserInput, &m.CreatedAt); err != nil {
+			return nil, fmt.Errorf("feedback: %w", err)
+		}
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}
+
+// agentMessage is what an agent sends: a step, or a question when
+// RequiresUserInput is set.
+type agentMessage struct {
+	SessionID         string // canonical UUID; a new one creates the session
+	AgentType         string // needed only to create
+	Content           string
+	RequiresUserInput bool
+	GitDiff           *string // nil: leave the session's diff as it is
+	SendEmail         *bool
+	SendSMS           *bool
+	SendPush          *bool
+}
+
+// agentMessageResult is the stored message, the feedback it picked up and the
+// session's step count after it.
+type agentMessageResult struct {
+	Message  message
+	Feedback []message
+	Steps    int
+}
+
+// insertAgentMessage stores an agent message in a locked session, moves the
+// read pointer to it and notifies the hub, all in tx. The user lock makes seq
+// order commit order across all of a user's sessions (the event stream resumes
+// by seq, so a smaller seq must never commit after a larger one is visible).
+func insertAgentMessage(ctx context.Context, tx *sql.Tx, userID string, in agentMessage) (message, int, error) {
+	m := message{SessionID: in.SessionID, SenderType: senderAgent, Content: cleanText(in.Content), RequiresUserInput: in.RequiresUserInput}
+	var steps int
+	err := tx.QueryRowContext(ctx, `
+		WITH lk AS (SELECT pg_advisory_xact_lock(hashtextextended($2::uuid::text, 0))),
+		ins AS (
+			INSERT INTO messages (agent_instance_id, user_id, sender_type, content, requires_user_input, send_email, send_sms, send_push)
+			SELECT $1::uuid, $2::uuid, 'AGENT', $3::text, $4::boolean, $5::boolean, $6::boolean, $7::boolean FROM lk
+			RETURNING id, seq, created_at
+		),
+		upd AS (
+			UPDATE agent_instances AS a SET
+				last_read_message_id = ins.id,
+				last_read_seq = ins.seq,
+				step_count = a.step_count + (NOT $4)::int,
+				last_activity_at = ins.created_at,
+				status = CASE WHEN a.status = 'COMPLETED' THEN a.status WHEN $4 THEN 'AWAITING_INPUT' ELSE 'ACTIVE' END,
+				git_diff = COALESCE($8::text, a.git_diff)
+			FROM ins WHERE a.id = $1 AND a.user_id = $2
+			RETURNING a.step_count
+		)
+		SELECT ins.id, ins.seq, ins.created_at, upd.step_count,
+			pg_notify('agentline', 'm ' || $2::uuid::text || ' ' || $1::uuid::text || ' ' || ins.seq)
+		FROM ins, upd`,
+		in.SessionID, userID, m.Content, in.RequiresUserInput, in.SendEmail, in.SendSMS, in.SendPush, in.GitDiff,
+	).Scan(&m.ID, &m.Seq, &m.CreatedAt, &steps, new(string))
+	if err != nil {
+		return message{}, 0, fmt.Errorf("insert agent message: %w", err)
+	}
+	return m, steps, nil
+}
+
+// addAgentMessage stores an agent message, creating the session if needed,
+// and returns the user messages queued since the agent last read (oldest
+// first), moving the read pointer to the new message. It returns errNotFound
+// for another user's session and errNeedAgentType for a new session without
+// an agent type.
+func (s *store) addAgentMessage(ctx context.Context, userID string, in agentMessage) (agentMessageResult, error) {
+	var r agentMessageResult
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		readSeq, _, err := lockOrCreateSession(ctx, tx, userID, in.SessionID, in.AgentType)
+		if err != nil {
+			return err
+		}
+		if r.Feedback, err = feedbackAfter(ctx, tx, userID, in.SessionID, readSeq); err != nil {
+			return err
+		}
+		r.Message, r.Steps, err = insertAgentMessage(ctx, tx, userID, in)
+		return err
+	})
+	if err != nil {
+		return agentMessageResult{}, fmt.Errorf("add agent message: %w", err)
+	}
+	return r, nil
+}
+
+// addUserMessage stores a person's message in the session. The first user
+// message after an open question answers it: the session goes back to
+// ACTIVE (a COMPLETED session stays COMPLETED). With markAsRead the read
+// pointer moves to the new message, so the agent is not handed it as feedback.
+// It returns errNotFound if the session is missing or not userID's.
+func (s *store) addUserMessage(ctx context.Context, userID, sessionID, content string, markAsRead bool) (message, error) {
+	m := message{SessionID: sessionID, SenderType: senderUser, Content: cleanText(content)}
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		if _, _, _, err := lockSession(ctx, tx, userID, sessionID); err != nil {
+			return err
+		}
+		return tx.QueryRowContext(ctx, `
+			WITH lk AS (SELECT pg_advisory_xact_lock(hashtextextended($2::uuid::text, 0))),
+			ins AS (
+				INSERT INTO messages (agent_instance_id, user_id, sender_type, content)
+				SELECT $1::uuid, $2::uuid, 'USER', $3::text FROM lk
+				RETURNING id, seq, created_at
+			),
+			upd AS (
+				UPDATE agent_instances AS a SET
+					last_read_message_id = CASE WHEN $4::boolean THEN ins.id ELSE a.last_read_message_id END,
+					last_read_seq = CASE WHEN $4 THEN ins.seq ELSE a.last_read_seq END,
+					last_activity_at = ins.created_at,
+					status = CASE WHEN a.status = 'AWAITING_INPUT' THEN 'ACTIVE' ELSE a.status END
+				FROM ins WHERE a.id = $1 AND a.user_id = $2
+				RETURNING a.id
+			)
+			SELECT ins.id, ins.seq, ins.created_at,
+				pg_notify('agentline', 'm ' || $2::uuid::text || ' ' || $1::uuid::text || ' ' || ins.seq)
+			FROM ins, upd`,
+			sessionID, userID, m.Content, markAsRead,
+		).Scan(&m.ID, &m.Seq, &m.CreatedAt, new(string))
+	})
+	if err != nil {
+		return message{}, fmt.Errorf("add user message: %w", err)
+	}
+	return m, nil
+}
+
+// pending returns the user messages after the session's read pointer and
+// moves the pointer past them. If lastReadID is not empty and is not the
+// current pointer, another reader moved it: pending reports stale and
+// returns nothing. It returns errNotFound if the session is missing or not
+// userID's.
+func (s *store) pending(ctx context.Context, userID, sessionID, lastReadID string) (msgs []message, stale bool, err error) {
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		readSeq, readID, _, err := lockSession(ctx, tx, userID, sessionID)
+		if err != nil {
+			return err
+		}
+		if lastReadID != "" && (!readID.Valid || readID.String != lastReadID) {
+			stale = true
+			return nil
+		}
+		if msgs, err = feedbackAfter(ctx, tx, userID, sessionID, readSeq); err != nil || len(msgs) == 0 {
+			return err
+		}
+		return movePointer(ctx, tx, userID, sessionID, msgs[len(msgs)-1])
+	})
+	if err != nil {
+		return nil, false, fmt.Errorf("pending: %w", err)
+	}
+	return msgs, stale, nil
+}
+
+// movePointer sets the session's read pointer to m.
+func movePointer(ctx context.Context, tx *sql.Tx, userID, sessionID string, m message) error {
+	_, err := tx.ExecContext(ctx, `
+		UPDATE agent_instances SET last_read_message_id = $3, last_read_seq = $4
+		WHERE id = $1 AND user_id = $2 AND last_read_seq < $4`, sessionID, userID, m.ID, m.Seq)
+	if err != nil {
+		return fmt.Errorf("move read pointer: %w", err)
+	}
+	return nil
+}
+
+// requestInput turns an earlier agent message into a question. Queued user
+// messages after it (when it is the read pointer) are returned and the
+// pointer moves past them, as pending does; if there are none the session
+// waits for input. It returns errNotFound if the message is missing, not an
+// agent message or not userID's, and errConflict if it already asks.
+func (s *store) requestInput(ctx context.Context, userID, messageID string) (sessionID string, msgs []message, stale bool, err error) {
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		var asks bool
+		err := tx.QueryRowContext(ctx, `
+			SELECT agent_instance_id, requires_user_input FROM messages
+			WHERE id = $1 AND user_id = $2 AND sender_type = 'AGENT'`, messageID, userID).Scan(&sessionID, &asks)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errNotFound
+		}
+		if err != nil {
+			return err
+		}
+		readSeq, readID, _, err := lockSession(ctx, tx, userID, sessionID)
+		if err != nil {
+			return err
+		}
+		res, err := tx.ExecContext(ctx, `
+			UPDATE messages SET requires_user_input = true
+			WHERE id = $1 AND user_id = $2 AND NOT requires_user_input`, messageID, userID)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return errConflict
+		}
+		if !readID.Valid || readID.String != messageID {
+			stale = true
+		} else if msgs, err = feedbackAfter(ctx, tx, userID, sessionID, readSeq); err != nil {
+			return err
+		}
+		if len(msgs) > 0 {
+			return movePointer(ctx, tx, userID, sessionID, msgs[len(msgs)-1])
+		}
+		_, err = tx.ExecContext(ctx, `
+			UPDATE agent_instances SET status = 'AWAITING_INPUT', last_activity_at = now()
+			WHERE id = $1 AND user_id = $2 AND status <> 'COMPLETED'`, sessionID, userID)
+		if err != nil {
+			return err
+		}
+		return notifySession(ctx, tx, userID, sessionID)
+	})
+	if err != nil {
+		return "", nil, false, fmt.Errorf("request input: %w", err)
+	}
+	return sessionID, msgs, stale, nil
+}
+
+// notifySession tells the hub that the session's status changed.
+func notifySession(ctx context.Context, tx *sql.Tx, userID, sessionID string) error {
+	_, err := tx.ExecContext(ctx, `SELECT pg_notify('agentline', 's ' || $1::uuid::text || ' ' || $2::uuid::text || ' 0')`, userID, sessionID)
+	return err
+}
+
+// endSession marks the session COMPLETED; ended_at is set the first time
+// only, so ending twice is harmless. It returns errNotFound if the session is
+// missing or not userID's.
+func (s *store) endSession(ctx context.Context, userID, sessionID string) error {
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `
+			UPDATE agent_instances SET status = 'COMPLETED', ended_at = COALESCE(ended_at, now()),
+				last_activity_at = CASE WHEN ended_at IS NULL THEN now() ELSE last_activity_at END
+			WHERE id = $1 AND user_id = $2`, sessionID, userID)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return errNotFound
+		}
+		return notifySession(ctx, tx, userID, sessionID)
+	})
+	if err != nil {
+		return fmt.Errorf("end session: %w", err)
+	}
+	return nil
+}
+
+// ---- questions ----
+
+// question is an agent message that waits for a person's answer.
+type question struct {
+	ID        string
+	Seq       int64
+	CreatedAt time.Time
+	Resumed   bool      // an earlier call asked it; no new message was stored
+	Feedback  []message // user messages queued before it was asked
+}
+
+// askQuestion stores a question in an existing session, or resumes the
+// session's open question when it has the same text: the latest agent
+// message, asking, and not yet answered to an ask_question call. It returns
+// errNotFound if the session is missing or not userID's.
+func (s *store) askQuestion(ctx context.Context, userID, sessionID, text string) (question, error) {
+	text = cleanText(text)
+	var q question
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		readSeq, _, _, err := lockSession(ctx, tx, userID, sessionID)
+		if err != nil {
+			return err
+		}
+		var content string
+		var asks, answered bool
+		err = tx.QueryRowContext(ctx, `
+			SELECT m.id, m.seq, m.created_at, m.content, m.requires_user_input, m.seq <= a.answered_question_seq
+			FROM messages m JOIN agent_instances a ON a.id = m.agent_instance_id
+			WHERE m.agent_instance_id = $1 AND m.user_id = $2 AND a.user_id = $2 AND m.sender_type = 'AGENT'
+			ORDER BY m.seq DESC LIMIT 1`, sessionID, userID).Scan(&q.ID, &q.Seq, &q.CreatedAt, &content, &asks, &answered)
+		if err != nil && !errors.Is(err, sql.ErrNoRows) {
+			return err
+		}
+		if err == nil && asks && !answered && content == text {
+			q.Resumed = true
+			return nil
+		}
+		if q.Feedback, err = feedbackAfter(ctx, tx, userID, sessionID, readSeq); err != nil {
+			return err
+		}
+		m, _, err := insertAgentMessage(ctx, tx, userID, agentMessage{SessionID: sessionID, Content: text, RequiresUserInput: true})
+		q = question{ID: m.ID, Seq: m.Seq, CreatedAt: m.CreatedAt, Feedback: q.Feedback}
+		return err
+	})
+	if err != nil {
+		return question{}, fmt.Errorf("ask question: %w", err)
+	}
+	return q, nil
+}
+
+// questionState is where a question stands.
+type questionState int
+
+const (
+	questionOpen       questionState = iota
+	questionAnswered                 // a user message came after it
+	questionSuperseded               // a newer agent message came first
+	questionEnded                    // the session ended first
+)
+
+// answer reports where question q of the session stands. When it is
+// answered, the answer (the first user message after q) is returned, the
+// question is marked as answered to a caller and the read pointer moves past
+// the answer, so it is not handed out again as feedback. It returns
+// errNotFound if the session is missing or not userID's.
+func (s *store) answer(ctx context.Context, userID, sessionID string, q question) (questionState, message, error) {
+	var st questionState
+	var ans message
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		_, _, status, err := lockSession(ctx, tx, userID, sessionID)
+		if err != nil {
+			return err
+		}
+		rows, err := tx.QueryContext(ctx, `
+			(SELECT id, seq, sender_type, content, created_at FROM messages
+			 WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'USER' AND seq > $3
+			 ORDER BY seq LIMIT 1)
+			UNION ALL
+			(SELECT id, seq, sender_type, content, created_at FROM messages
+			 WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'AGENT' AND seq > $3
+			 ORDER BY seq LIMIT 1)`, sessionID, userID, q.Seq)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		var first *message
+		for rows.Next() {
+			m := message{SessionID: sessionID}
+			if err := rows.Scan(&m.ID, &m.Seq, &m.SenderType, &m.Content, &m.CreatedAt); err != nil {
+				return err
+			}
+			if first == nil || m.Seq < first.Seq {
+				first = &m
+			}
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		rows.Close()
+		switch {
+		case first != nil && first.SenderType == senderUser:
+			st, ans = questionAnswered, *first
+		case first != nil:
+			st = questionSuperseded
+			return nil
+		case status == statusCompleted:
+			st = questionEnded
+			return nil
+		default:
+			st = questionOpen
+			return nil
+		}
+		if err := movePointer(ctx, tx, userID, sessionID, ans); err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `
+			UPDATE agent_instances SET answered_question_seq = $3
+			WHERE id = $1 AND user_id = $2 AND answered_question_seq < $3`, sessionID, userID, q.Seq)
+		return err
+	})
+	if err != nil {
+		return 0, message{}, fmt.Errorf("answer: %w", err)
+	}
+	return st, ans, nil
+}
+
+// isUnavailable reports whether err means the database could not be reached
+// or is going away, as opposed to a statement it refused.
+func isUnavailable(err error) bool {
+	var pqErr *pq.Error
+	if errors.As(err, &pqErr) {
+		// Class 08: connection exception; 57P01-57P03: shutting down or starting.
+		return pqErr.Code.Class() == "08" || pqErr.Code == "57P01" || pqErr.Code == "57P02" || pqErr.Code == "57P03"
+	}
+	var netErr net.Error
+	return errors.As(err, &netErr) || errors.Is(err, driver.ErrBadConn) || errors.Is(err, io.EOF) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, sql.ErrConnDone)
+}
+
+// ---- the wait hub ----
+
+// hub wakes waiters when the database says something changed. One
+// pq.Listener connection per process LISTENs on notifyChannel; the store
+// NOTIFYs inside the transaction that adds a message or changes a session,
+// so a wake-up is delivered at commit, to every replica. A waiter holds no
+// database connection: it is a channel in a map until it is woken, then it
+// re-reads the database itself.
+type hub struct {
+	listener *pq.Listener
+	log      *slog.Logger
+
+	mu     sync.Mutex
+	topics map[string]map[chan struct{}]struct{} // "s:"+session or "u:"+user
+	count  int
+	done   chan struct{}
+}
+
+// newHub connects the listener to dsn and starts dispatching. It returns once
+// LISTEN is in effect, so no notification committed after it is missed.
+func newHub(ctx context.Context, dsn string, log *slog.Logger) (*hub, error) {
+	h := &hub{log: log, topics: map[string]map[chan struct{}]struct{}{}, done: make(chan struct{})}
+	h.listener = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
+		switch ev {
+		case pq.ListenerEventDisconnected:
+			log.Warn("wait hub: listener disconnected", "err", err)
+		case pq.ListenerEventReconnected:
+			log.Info("wait hub: listener reconnected")
+		}
+	})
+	if err := h.listener.Listen(notifyChannel); err != nil {
+		h.listener.Close()
+		return nil, fmt.Errorf("wait hub: listen: %w", err)
+	}
+	go h.run()
+	return h, nil
+}
+
+func (h *hub) run() {
+	defer close(h.done)
+	ping := time.NewTicker(10 * time.Second)
+	defer ping.Stop()
+	for {
+		select {
+		case n, ok := <-h.listener.NotificationChannel():
+			if !ok {
+				return
+			}
+			if n == nil {
+				// The connection was lost and is back: notifications sent in
+				// between are gone, so everyone re-checks.
+				h.wakeAll()
+				continue
+			}
+			h.dispatch(n.Extra)
+		case <-ping.C:
+			// A dead connection is noticed here at the latest; the listener
+			// then reconnects and the nil notification above wakes everyone.
+			go h.listener.Ping()
+		}
+	}
+}
+
+// dispatch wakes the waiters of the session and the user named in payload.
+func (h *hub) dispatch(payload string) {
+	f := strings.Fields(payload)
+	if len(f) != 4 {
+		return
+	}
+	h.wake("u:" + f[1])
+	h.wake("s:" + f[2])
+}
+
+func (h *hub) wake(topic string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for ch := range h.topics[topic] {
+		select {
+		case ch <- struct{}{}:
+		default: // already has a wake-up pending
+		}
+	}
+}
+
+func (h *hub) wakeAll() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, set := range h.topics {
+		for ch := range set {
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// subscribe registers a waiter on topic ("s:"+session or "u:"+user). The
+// returned channel receives a value after every change to it (changes close
+// together may be folded into one). Subscribe before reading the database,
+// then wait: a change committed in between is not missed. cancel must be
+// called when done.
+func (h *hub) subscribe(topic string) (wake <-chan struct{}, cancel func()) {
+	ch := make(chan struct{}, 1)
+	h.mu.Lock()
+	set := h.topics[topic]
+	if set == nil {
+		set = map[chan struct{}]struct{}{}
+		h.topics[topic] = set
+	}
+	set[ch] = struct{}{}
+	h.count++
+	h.mu.Unlock()
+	var once sync.Once
+	return ch, func() {
+		once.Do(func() {
+			h.mu.Lock()
+			delete(set, ch)
+			if len(set) == 0 && h.topics[topic] != nil && len(h.topics[topic]) == 0 {
+				delete(h.topics, topic)
+			}
+			h.count--
+			h.mu.Unlock()
+		})
+	}
+}
+
+// waiters returns the number of registered waiters.
+func (h *hub) waiters() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.count
+}
+
+// close stops the listener and wakes every waiter so it can notice shutdown.
+func (h *hub) close() {
+	h.listener.Close()
+	<-h.done
+	h.wakeAll()
+}
+
+// safetyRecheck is how often a waiter re-reads the database even when no
+// notification came: the last line of defence against a lost wake-up.
+const safetyRecheck = 30 * time.Second
+
+// wait blocks until check reports done, ctx ends, or limit passes. check is
+// called at once and again after every wake-up of topic and every
+// safetyRecheck. While it waits, wait holds no database connection.
+func (h *hub) wait(ctx context.Context, topic string, limit time.Duration, check func() (bool, error)) (done bool, err error) {
+	wake, cancel := h.subscribe(topic)
+	defer cancel()
+	deadline := time.NewTimer(limit)
+	defer deadline.Stop()
+	recheck := time.NewTicker(safetyRecheck)
+	defer recheck.Stop()
+	for {
+		if done, err := check(); done || err != nil {
+			return done, err
+		}
+		select {
+		case <-wake:
+		case <-recheck.C:
+		case <-deadline.C:
+			return false, nil
+		case <-ctx.Done():
+			return false, ctx.Err()
+		}
+	}
+}
