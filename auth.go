@@ -16,6 +16,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/http"
 	"os"
@@ -51,7 +52,13 @@ func readKeyText(v string) ([]byte, error) {
 	}
 	b, err := os.ReadFile(v)
 	if err != nil {
-		return nil, fmt.Errorf("not PEM text and not a readable file: %w", err)
+		// v is not repeated in the message: it may be a secret pasted into
+		// the wrong variable, and start-up errors end up in logs.
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err
+		}
+		return nil, fmt.Errorf("neither PEM text nor a readable file (%v); shared HMAC secrets are not accepted: use a PEM key pair from `agentline keygen -dir DIR`", err)
 	}
 	return b, nil
 }
@@ -114,9 +121,9 @@ func parsePublicKeys(text []byte) ([]publicKey, error) {
 		keys = append(keys, publicKey{key: pub, alg: alg, kid: fingerprint(pub)})
 	}
 	if len(keys) == 0 {
-		// This is also where an HMAC secret ends up: shared secrets are
-		// refused, since every verifier could then mint keys.
-		return nil, errors.New("no PEM public key found; run `agentline keygen` and set JWT_PUBLIC_KEY to jwt-public.pem")
+		// A file holding an HMAC secret ends up here: shared secrets are
+		// refused, since every server that verifies could also mint keys.
+		return nil, errors.New("no PEM public key found (shared HMAC secrets are not accepted); run `agentline keygen -dir DIR` and set JWT_PUBLIC_KEY=DIR/jwt-public.pem")
 	}
 	return keys, nil
 }
@@ -260,10 +267,12 @@ type verifier struct {
 	now   func() time.Time
 }
 
-// verify returns the caller a token belongs to. Order: size, signature with
-// an algorithm pinned by the key type, time claims, sub, then the key's row in
-// api_keys (registered, active, unexpired, same user). It returns an
-// *authError for a refused token and another error if the database failed.
+// verify returns the caller a token belongs to. Order: size; signature, by a
+// configured key of the token's algorithm (and of its kid, if it has one);
+// exp, nbf, iat; sub a UUID; then the key's row in api_keys (registered,
+// active, same user as sub, unexpired). Nothing is read from the database
+// before the signature holds. It returns an *authError for a refused token
+// and another error if the database failed.
 func (v *verifier) verify(ctx context.Context, token string) (caller, error) {
 	if token == "" || len(token) > maxTokenLen {
 		return caller{}, errKeyInvalid
@@ -277,24 +286,25 @@ func (v *verifier) verify(ctx context.Context, token string) (caller, error) {
 		// Only the algorithms of the configured keys: this is what refuses
 		// "none", HS256 keyed with the public key's bytes, and every mismatch.
 		jwt.WithValidMethods(methods),
+		// One token, one spelling: no re-encoded variants of a signed key.
+		jwt.WithStrictDecoding(),
+		// exp and nbf are checked when present, with 1 s for clock skew.
 		jwt.WithLeeway(time.Second),
 		jwt.WithTimeFunc(func() time.Time { return now }),
 	)
 	claims := jwt.MapClaims{}
 	_, err := parser.ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) {
 		alg := t.Method.Alg()
-		kid, hasKid := t.Header["kid"]
+		// A kid is only ever compared with our fingerprints: it never names
+		// a file, a URL or a row. One that matches none (or is not a string)
+		// leaves no key, so the token is refused.
+		_, hasKid := t.Header["kid"]
+		kid, _ := t.Header["kid"].(string)
 		var set jwt.VerificationKeySet
 		for _, k := range v.keys {
-			if k.alg != alg {
-				continue
+			if k.alg == alg && (!hasKid || kid == k.kid) {
+				set.Keys = append(set.Keys, k.key)
 			}
-			// A kid is only ever compared with our fingerprints: it never
-			// names a file, a URL or a row.
-			if hasKid && kid != k.kid {
-				continue
-			}
-			set.Keys = append(set.Keys, k.key)
 		}
 		if len(set.Keys) == 0 {
 			return nil, errors.New("no key for this token")
@@ -312,6 +322,7 @@ func (v *verifier) verify(ctx context.Context, token string) (caller, error) {
 	if iat, err := claims.GetIssuedAt(); err != nil || iat != nil && iat.After(now.Add(5*time.Minute)) {
 		return caller{}, errKeyInvalid
 	}
+	// sub is the user id; the key's row must name the same user below.
 	sub, _ := claims["sub"].(string)
 	userID, ok := parseUUID(sub)
 	if !ok {
@@ -327,11 +338,16 @@ func (v *verifier) verify(ctx context.Context, token string) (caller, error) {
 		return caller{}, err
 	}
 	if !k.Active || k.UserID != userID {
+		// Worth an audit line: a revoked key in use, or a key whose row and
+		// signed user disagree. Logged by id; the token itself never is.
+		v.log.Warn("refused a registered API key", "key_id", k.ID, "active", k.Active, "user_matches", k.UserID == userID)
 		return caller{}, errKeyInvalid
 	}
 	if k.ExpiresAt.Valid && !now.Before(k.ExpiresAt.Time) {
 		return caller{}, errKeyExpired
 	}
+	// At most one write a minute per key: a busy key must not turn every
+	// request into a write (touchAPIKey's SQL holds the same rule).
 	if !k.LastUsedAt.Valid || now.Sub(k.LastUsedAt.Time) > time.Minute {
 		if err := v.store.touchAPIKey(ctx, k.ID); err != nil {
 			v.log.Warn("touch api key", "key_id", k.ID, "err", err)
@@ -388,7 +404,22 @@ const (
 	scopePerson = "person"
 )
 
+// writeUnauthorized answers 401 with the Bearer challenge RFC 6750 asks for
+// and a reason that never says which check or which key failed.
 func writeUnauthorized(w http.ResponseWriter, e *authError) {
 	w.Header().Set("WWW-Authenticate", `Bearer realm="agentline"`)
 	writeJSON(w, http.StatusUnauthorized, errorBody{Detail: e.msg})
+}
+
+// requirePerson lets through only callers with a person key: an agent key
+// pasted into an agent's configuration must not open the user's history.
+// It sits behind requireKey.
+func requirePerson(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if c, _ := callerFrom(r.Context()); c.Scope != scopePerson {
+			writeJSON(w, http.StatusForbidden, errorBody{Detail: "this call needs a person key (agentline token -scope person)"})
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }

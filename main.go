@@ -329,12 +329,17 @@ type app struct {
 	// progressEvery overrides how often ask_question reports progress
 	// (tests shorten it); zero means the default.
 	progressEvery time.Duration
+	// eventsKeepalive overrides how often the event stream sends a comment
+	// line (tests shorten it); zero means the default.
+	eventsKeepalive time.Duration
 }
 
 // routes is the whole HTTP surface of agentline.
 func (a *app) routes() http.Handler {
 	mux := http.NewServeMux()
 	auth := func(h http.Handler) http.Handler { return requireKey(a.verifier, h) }
+	person := func(h http.Handler) http.Handler { return auth(requirePerson(h)) }
+	page := a.handlePage()
 
 	mux.Handle("GET /health", a.handleHealth())
 	mux.Handle("POST /api/v1/messages/agent", auth(a.handleAgentMessage()))
@@ -342,6 +347,13 @@ func (a *app) routes() http.Handler {
 	mux.Handle("GET /api/v1/messages/pending", auth(a.handlePending()))
 	mux.Handle("PATCH /api/v1/messages/{message_id}/request-input", auth(a.handleRequestInput()))
 	mux.Handle("POST /api/v1/sessions/end", auth(a.handleEndSession()))
+
+	mux.Handle("GET /api/v1/sessions", person(a.handleSessions()))
+	mux.Handle("GET /api/v1/sessions/{id}/messages", person(a.handleSessionMessages()))
+	mux.Handle("GET /api/v1/events", person(a.handleEvents()))
+	mux.Handle("GET /{$}", page) // the inbox page: no auth, it holds no data
+	mux.Handle("GET /app.js", page)
+	mux.Handle("GET /app.css", page)
 
 	mux.Handle("/mcp", auth(a.mcp.streamable))
 	mux.Handle("/mcp/", auth(a.mcp.streamable))
@@ -402,15 +414,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, stdout, stderr io.
 	a := &app{store: st, hub: h, log: log, cfg: cfg, stopping: stopping,
 		verifier: &verifier{keys: keys, store: st, log: log, now: time.Now}}
 	a.mcp = newMCPServer(a)
-	srv := &http.Server{
-		Handler:           a.routes(),
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       120 * time.Second,
-		MaxHeaderBytes:    64 << 10,
-		// No WriteTimeout: long-polls, questions and event streams
-		// legitimately last minutes; each bounds itself.
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
+	srv := newHTTPServer(a.routes(), log)
 	port := ln.Addr().(*net.TCPAddr).Port
 	if firstRun {
 		if err := printFirstRun(ctx, st, cfg, port, stdout); err != nil {
@@ -434,6 +438,22 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, stdout, stderr io.
 		srv.Close()
 	}
 	return nil
+}
+
+// newHTTPServer is the http.Server serve runs (tests build theirs with it
+// too, so they meet the same limits).
+func newHTTPServer(h http.Handler, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		// Bounds what one request's headers cost us; an oversized
+		// Authorization header gets a 431 before any handler runs.
+		MaxHeaderBytes: 64 << 10,
+		// No WriteTimeout: long-polls, questions and event streams
+		// legitimately last minutes; each bounds itself.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
 }
 
 // ensureLocalKeys makes sure the data folder has a key pair, and reports

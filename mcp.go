@@ -18,12 +18,16 @@ import (
 // replica answers any request) and over the legacy HTTP+SSE transport
 // (a session per stream, so it needs sticky routing behind a balancer).
 //
-// Each HTTP request (each SSE stream) gets its own *mcp.Server whose tools
-// close over the verified caller. Identity therefore never depends on what
-// the SDK forwards to a handler (on SSE it forwards nothing).
+// Identity never depends on what the SDK forwards to a tool handler (on SSE
+// it forwards no headers at all). Streamable HTTP uses one *mcp.Server:
+// serveStreamable puts the verified caller of each POST in its context, and
+// a tool refuses to run without it. SSE builds a server per stream whose
+// tools close over the caller who opened the stream.
 type mcpServer struct {
 	a          *app
 	schemas    *mcp.SchemaCache
+	shared     *mcp.Server // Streamable HTTP: the caller comes with each request
+	sdk        http.Handler
 	streamable http.Handler
 	sse        http.Handler
 
@@ -37,64 +41,112 @@ const progressEvery = 15 * time.Second
 
 func newMCPServer(a *app) *mcpServer {
 	m := &mcpServer{a: a, schemas: mcp.NewSchemaCache(), sseHandlers: map[string]*mcp.SSEHandler{}}
-	m.streamable = mcp.NewStreamableHTTPHandler(m.serverFor, &mcp.StreamableHTTPOptions{
+	m.shared = m.newServer(func(ctx context.Context) (mcpCaller, bool) {
+		who, ok := ctx.Value(mcpCallerKey{}).(mcpCaller)
+		return who, ok
+	})
+	m.sdk = mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return m.shared }, &mcp.StreamableHTTPOptions{
 		Stateless:           true,
 		MaxRequestBodyBytes: maxBody,
+		// The SDK's DNS-rebinding guard refuses a loopback connection with a
+		// non-loopback Host, which is every reverse proxy on the same
+		// machine. It protects servers without authentication; here every
+		// request needs a bearer key, which a rebinding page cannot read.
+		DisableLocalhostProtection: true,
 	})
+	m.streamable = http.HandlerFunc(m.serveStreamable)
 	m.sse = http.HandlerFunc(m.serveSSE)
 	return m
+}
+
+// mcpCaller is who a tool call acts for, and the request that carries it.
+type mcpCaller struct {
+	userID    string
+	agentType string
+	// carrier ends when the HTTP request carrying the call (a stateless
+	// POST, or an SSE stream) does. The SDK does not cancel a running
+	// handler then (closing its session waits for the handler instead), so
+	// a tool call ends its own wait when carrier is done.
+	carrier context.Context
+}
+
+type mcpCallerKey struct{}
+
+// callerOf is the verified caller of r, from requireKey.
+func callerOf(r *http.Request) (mcpCaller, bool) {
+	c, ok := callerFrom(r.Context())
+	if !ok {
+		return mcpCaller{}, false
+	}
+	return mcpCaller{userID: c.UserID, agentType: agentTypeOf(r), carrier: r.Context()}, true
+}
+
+// serveStreamable hands a Streamable HTTP request to the SDK with its
+// caller in the context, where the shared server's tools find it.
+func (m *mcpServer) serveStreamable(w http.ResponseWriter, r *http.Request) {
+	who, ok := callerOf(r)
+	if !ok { // unreachable behind requireKey
+		writeUnauthorized(w, errNoKey)
+		return
+	}
+	m.sdk.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), mcpCallerKey{}, who)))
 }
 
 // serveSSE routes an SSE request to the caller's own SSEHandler, so a session
 // id learnt by another user leads nowhere (404), and ends the stream when the
 // server shuts down.
 func (m *mcpServer) serveSSE(w http.ResponseWriter, r *http.Request) {
-	c, _ := callerFrom(r.Context())
+	c, ok := callerFrom(r.Context())
+	if !ok { // unreachable behind requireKey
+		writeUnauthorized(w, errNoKey)
+		return
+	}
 	m.mu.Lock()
 	h := m.sseHandlers[c.UserID]
 	if h == nil {
-		h = mcp.NewSSEHandler(m.serverFor, &mcp.SSEOptions{MaxRequestBodyBytes: maxBody})
+		// DisableLocalhostProtection: see newMCPServer.
+		h = mcp.NewSSEHandler(m.streamServer, &mcp.SSEOptions{MaxRequestBodyBytes: maxBody, DisableLocalhostProtection: true})
 		m.sseHandlers[c.UserID] = h
 	}
 	m.mu.Unlock()
 	if r.Method == http.MethodGet {
 		ctx, cancel := context.WithCancel(r.Context())
 		defer cancel()
-		stop := context.AfterFunc(m.a.stopping, cancel)
+		// On shutdown the waits on this stream end at once with a tool
+		// error; the stream stays open a moment longer so those errors
+		// reach the client before it closes.
+		stop := context.AfterFunc(m.a.stopping, func() { time.AfterFunc(sseCloseGrace, cancel) })
 		defer stop()
 		r = r.WithContext(ctx)
 	}
 	h.ServeHTTP(w, r)
 }
 
-// mcpCaller is who the tools of one server act for.
-type mcpCaller struct {
-	userID    string
-	agentType string
-}
+// sseCloseGrace is how long an SSE stream outlives the start of shutdown.
+const sseCloseGrace = 250 * time.Millisecond
 
-// serverFor builds the MCP server for one request, bound to its caller.
-func (m *mcpServer) serverFor(r *http.Request) *mcp.Server {
-	c, ok := callerFrom(r.Context())
+// streamServer builds the server of one SSE stream, bound to the caller who
+// opened it (r is the stream's GET).
+func (m *mcpServer) streamServer(r *http.Request) *mcp.Server {
+	who, ok := callerOf(r)
 	if !ok {
 		return nil // unreachable behind requireKey; the SDK answers 400
 	}
-	who := mcpCaller{userID: c.UserID, agentType: agentTypeOf(r)}
+	return m.newServer(func(context.Context) (mcpCaller, bool) { return who, true })
+}
+
+// newServer builds an MCP server with the three tools; bind says who a call
+// acts for.
+func (m *mcpServer) newServer(bind func(context.Context) (mcpCaller, bool)) *mcp.Server {
 	s := mcp.NewServer(&mcp.Implementation{Name: "agentline", Version: version}, &mcp.ServerOptions{
 		SchemaCache: m.schemas,
 		Instructions: "agentline connects you with the person you work for. Call log_step after each " +
 			"meaningful step and act on any user_feedback it returns; call ask_question when you need " +
 			"a decision; call end_session once the person has confirmed the work is finished.",
 	})
-	mcp.AddTool(s, logStepTool, guard(m.a, "log_step", func(ctx context.Context, req *mcp.CallToolRequest, in logStepIn) (*mcp.CallToolResult, logStepOut, error) {
-		return m.logStep(ctx, who, in)
-	}))
-	mcp.AddTool(s, askQuestionTool, guard(m.a, "ask_question", func(ctx context.Context, req *mcp.CallToolRequest, in askQuestionIn) (*mcp.CallToolResult, askQuestionOut, error) {
-		return m.askQuestion(ctx, who, req, in)
-	}))
-	mcp.AddTool(s, endSessionTool, guard(m.a, "end_session", func(ctx context.Context, req *mcp.CallToolRequest, in endSessionIn) (*mcp.CallToolResult, endSessionOut, error) {
-		return m.endSession(ctx, who, in)
-	}))
+	mcp.AddTool(s, logStepTool, guard(m.a, "log_step", boundTool(bind, m.logStep)))
+	mcp.AddTool(s, askQuestionTool, guard(m.a, "ask_question", boundTool(bind, m.askQuestion)))
+	mcp.AddTool(s, endSessionTool, guard(m.a, "end_session", boundTool(bind, m.endSession)))
 	return s
 }
 
@@ -112,6 +164,28 @@ func guard[In, Out any](a *app, name string, h mcp.ToolHandlerFor[In, Out]) mcp.
 			}
 		}()
 		return h(ctx, req, in)
+	}
+}
+
+// mcpTool is a tool's implementation, given who it acts for.
+type mcpTool[In, Out any] func(ctx context.Context, who mcpCaller, req *mcp.CallToolRequest, in In) (*mcp.CallToolResult, Out, error)
+
+// boundTool runs h for the caller bind finds, refusing to run without one,
+// with a context that also ends when the request carrying the call does: a
+// client that cancels or disconnects frees its wait at once.
+func boundTool[In, Out any](bind func(context.Context) (mcpCaller, bool), h mcpTool[In, Out]) mcp.ToolHandlerFor[In, Out] {
+	return func(ctx context.Context, req *mcp.CallToolRequest, in In) (*mcp.CallToolResult, Out, error) {
+		who, ok := bind(ctx)
+		if !ok || who.userID == "" || who.carrier == nil {
+			// Fail closed: a call that cannot say whose it is does nothing.
+			var zero Out
+			return nil, zero, errors.New("unauthenticated call: send Authorization: Bearer <key>")
+		}
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		stop := context.AfterFunc(who.carrier, cancel)
+		defer stop()
+		return h(ctx, who, req, in)
 	}
 }
 
@@ -146,14 +220,17 @@ func toolError(format string, args ...any) error {
 }
 
 // storeToolError turns a store error into a message fit for an agent.
-func (m *mcpServer) storeToolError(tool string, err error) error {
+func (m *mcpServer) storeToolError(ctx context.Context, tool string, err error) error {
 	switch {
 	case errors.Is(err, errNotFound):
+		// Someone else's session is "not found" too: never say which.
 		return toolError("session not found: agent_instance_id is unknown or not yours")
 	case errors.Is(err, errShuttingDown):
 		return toolError("the server is shutting down; call %s again in a moment", tool)
-	case errors.Is(err, context.Canceled):
-		return err
+	case ctx.Err() != nil:
+		// The client cancelled or hung up (a query cut short then fails
+		// with the driver's own error): nobody reads this, nothing failed.
+		return ctx.Err()
 	case isUnavailable(err):
 		m.a.log.Warn("database unavailable", "tool", tool, "err", err)
 		return toolError("the database is unavailable; call %s again in a moment", tool)
@@ -212,7 +289,7 @@ type logStepOut struct {
 	UserFeedback    []string `json:"user_feedback"`
 }
 
-func (m *mcpServer) logStep(ctx context.Context, who mcpCaller, in logStepIn) (*mcp.CallToolResult, logStepOut, error) {
+func (m *mcpServer) logStep(ctx context.Context, who mcpCaller, _ *mcp.CallToolRequest, in logStepIn) (*mcp.CallToolResult, logStepOut, error) {
 	id, err := optionalSession(in.AgentInstanceID)
 	if err != nil {
 		return nil, logStepOut{}, err
@@ -222,7 +299,7 @@ func (m *mcpServer) logStep(ctx context.Context, who mcpCaller, in logStepIn) (*
 	}
 	res, err := m.a.store.addAgentMessage(ctx, who.userID, agentMessage{SessionID: id, AgentType: who.agentType, Content: in.StepDescription})
 	if err != nil {
-		return nil, logStepOut{}, m.storeToolError("log_step", err)
+		return nil, logStepOut{}, m.storeToolError(ctx, "log_step", err)
 	}
 	out := logStepOut{Success: true, AgentInstanceID: id, StepNumber: res.Steps, UserFeedback: contents(res.Feedback)}
 	return nil, out, nil
@@ -244,7 +321,9 @@ var askQuestionTool = &mcp.Tool{
 
 Use it when you need a decision, an approval or information only they have. Give enough context that the question can be answered without looking anything up. The call blocks until the person answers.
 
-Returns {answer, question_id, status}. status "answered": answer holds their reply; act on it. status "pending": nobody answered within this call's time limit (answer is null); the question stays open, so call ask_question again with the same agent_instance_id and exactly the same question_text to keep waiting on it: this does not ask twice, and an answer given in between is returned at once. Asking a different question replaces the open one; so does logging a new step.`,
+Returns {answer, question_id, status}. status "answered": answer holds their reply; act on it. status "pending": nobody answered within this call's time limit (answer is null); the question stays open, so call ask_question again with the same agent_instance_id and exactly the same question_text to keep waiting on it: this does not ask twice, and an answer given in between is returned at once. Asking a different question replaces the open one; so does logging a new step.
+
+It fails (isError) if the question is replaced before anyone answers ("question superseded"), if the session ends, or if nobody answers within the server's question timeout. If the result has user_feedback (messages the person sent before you asked), act on it as you would for log_step.`,
 }
 
 type askQuestionIn struct {
@@ -269,44 +348,42 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 	}
 	q, err := m.a.store.askQuestion(ctx, who.userID, id, in.QuestionText)
 	if err != nil {
-		return nil, askQuestionOut{}, m.storeToolError("ask_question", err)
-	}
-	out := askQuestionOut{QuestionID: q.ID, UserFeedback: contents(q.Feedback)}
-	if len(out.UserFeedback) == 0 {
-		out.UserFeedback = nil
-	}
-
-	// How long this call waits: its own limit, but never past the question's.
-	questionLeft := time.Until(q.CreatedAt.Add(m.a.cfg.questionTimeout))
-	limit := m.a.cfg.callLimit
-	if limit == 0 || limit > questionLeft {
-		limit = questionLeft
+		return nil, askQuestionOut{}, m.storeToolError(ctx, "ask_question", err)
 	}
 	if token := req.Params.GetProgressToken(); token != nil {
 		stopProgress := m.reportProgress(ctx, req, token)
 		defer stopProgress()
 	}
-
-	var state questionState
-	var ans message
-	done, err := m.a.wait(ctx, "s:"+id, max(limit, 0), func() (bool, error) {
-		var err error
-		state, ans, err = m.a.store.answer(ctx, who.userID, id, q)
-		return err != nil || state != questionOpen, err
-	})
+	expired := q.Resumed && !m.questionLeft(q)
+	state, ans, done, err := m.awaitAnswer(ctx, who, id, q)
+	if err == nil && !done && expired {
+		// This call resumed a question that had already timed out (an
+		// earlier call said so) and found no late answer. Asking again is a
+		// new question: resuming it would only time out at once, for ever.
+		var res agentMessageResult
+		res, err = m.a.store.addAgentMessage(ctx, who.userID, agentMessage{SessionID: id, Content: in.QuestionText, RequiresUserInput: true})
+		if err == nil {
+			q = question{ID: res.Message.ID, Seq: res.Message.Seq, CreatedAt: res.Message.CreatedAt, Feedback: res.Feedback}
+			state, ans, done, err = m.awaitAnswer(ctx, who, id, q)
+		}
+	}
 	if err != nil {
-		return nil, askQuestionOut{}, m.storeToolError("ask_question", err)
+		return nil, askQuestionOut{}, m.storeToolError(ctx, "ask_question", err)
+	}
+	out := askQuestionOut{QuestionID: q.ID, UserFeedback: contents(q.Feedback)}
+	if len(out.UserFeedback) == 0 {
+		out.UserFeedback = nil
 	}
 	switch {
 	case done && state == questionAnswered:
 		out.Answer, out.Status = &ans.Content, "answered"
 		return nil, out, nil
 	case done && state == questionSuperseded:
-		return nil, askQuestionOut{}, toolError("question superseded: a newer message was logged in this session before anyone answered")
+		return nil, askQuestionOut{}, withFeedback(out.UserFeedback, "question superseded: a newer message was logged in this session before anyone answered")
 	case done && state == questionEnded:
-		return nil, askQuestionOut{}, toolError("the session ended before the question was answered")
-	case time.Until(q.CreatedAt.Add(m.a.cfg.questionTimeout)) <= 0:
-		return nil, askQuestionOut{}, toolError("question timed out: no answer within %s", m.a.cfg.questionTimeout)
+		return nil, askQuestionOut{}, withFeedback(out.UserFeedback, "the session ended before the question was answered")
+	case !m.questionLeft(q):
+		return nil, askQuestionOut{}, withFeedback(out.UserFeedback, "question timed out: no answer within %s", m.a.cfg.questionTimeout)
 	}
 	out.Status = "pending"
 	body, _ := json.Marshal(out)
@@ -315,6 +392,40 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 		&mcp.TextContent{Text: "No answer yet. The question is still open: call ask_question again with the same agent_instance_id and exactly the same question_text to keep waiting for the answer."},
 	}}
 	return res, out, nil
+}
+
+// questionLeft reports whether question q can still be answered
+// (QUESTION_TIMEOUT has not passed since it was asked).
+func (m *mcpServer) questionLeft(q question) bool {
+	return time.Until(q.CreatedAt.Add(m.a.cfg.questionTimeout)) > 0
+}
+
+// awaitAnswer waits, holding no database connection, until question q is
+// answered, superseded or ended (done), or until this call's limit or the
+// question's timeout passes, whichever is first (not done).
+func (m *mcpServer) awaitAnswer(ctx context.Context, who mcpCaller, id string, q question) (state questionState, ans message, done bool, err error) {
+	limit := time.Until(q.CreatedAt.Add(m.a.cfg.questionTimeout))
+	if l := m.a.cfg.callLimit; l > 0 && l < limit {
+		limit = l
+	}
+	done, err = m.a.wait(ctx, "s:"+id, max(limit, 0), func() (bool, error) {
+		var err error
+		state, ans, err = m.a.store.answer(ctx, who.userID, id, q)
+		return err != nil || state != questionOpen, err
+	})
+	return state, ans, done, err
+}
+
+// withFeedback is a tool error that still hands over the feedback the
+// question picked up when it was stored (it moved the read pointer past it, so
+// it would otherwise be lost with the error).
+func withFeedback(feedback []string, format string, args ...any) error {
+	msg := fmt.Sprintf(format, args...)
+	if len(feedback) > 0 {
+		fb, _ := json.Marshal(feedback)
+		msg += "\nMessages the person sent before the question (act on them): " + string(fb)
+	}
+	return errors.New(msg)
 }
 
 // reportProgress sends a progress notification every progressEvery until
@@ -369,13 +480,13 @@ type endSessionOut struct {
 	FinalStatus     string `json:"final_status"`
 }
 
-func (m *mcpServer) endSession(ctx context.Context, who mcpCaller, in endSessionIn) (*mcp.CallToolResult, endSessionOut, error) {
+func (m *mcpServer) endSession(ctx context.Context, who mcpCaller, _ *mcp.CallToolRequest, in endSessionIn) (*mcp.CallToolResult, endSessionOut, error) {
 	id, err := requiredSession(in.AgentInstanceID)
 	if err != nil {
 		return nil, endSessionOut{}, err
 	}
 	if err := m.a.store.endSession(ctx, who.userID, id); err != nil {
-		return nil, endSessionOut{}, m.storeToolError("end_session", err)
+		return nil, endSessionOut{}, m.storeToolError(ctx, "end_session", err)
 	}
 	return nil, endSessionOut{Success: true, AgentInstanceID: id, FinalStatus: statusCompleted}, nil
 }

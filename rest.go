@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -83,6 +84,10 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
 	// deadline is cleared again so long-polls are not cut.
 	rc.SetReadDeadline(time.Now().Add(60 * time.Second))
 	defer rc.SetReadDeadline(time.Time{})
+	if r.ContentLength > maxBody {
+		// Refused before reading: a declared 1 GiB body costs us nothing.
+		return &http.MaxBytesError{Limit: maxBody}
+	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	if err != nil {
 		var mbe *http.MaxBytesError
@@ -97,10 +102,10 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
 // parseJSON decodes one JSON object from body into v, turning each kind of
 // failure into a badRequest that says what is wrong.
 func parseJSON(body []byte, v any) error {
-	if len(strings.TrimSpace(string(body))) == 0 {
+	if len(bytes.TrimSpace(body)) == 0 {
 		return badRequestf("empty request body: send a JSON object")
 	}
-	dec := json.NewDecoder(strings.NewReader(string(body)))
+	dec := json.NewDecoder(bytes.NewReader(body))
 	err := dec.Decode(v)
 	var se *json.SyntaxError
 	var te *json.UnmarshalTypeError
@@ -118,7 +123,9 @@ func parseJSON(body []byte, v any) error {
 	default:
 		return badRequestf("malformed JSON")
 	}
-	if dec.More() {
+	// Anything but white space after the object is an error: dec.More alone
+	// would let a stray "}" through.
+	if _, err := dec.Token(); err != io.EOF {
 		return badRequestf("malformed JSON: more than one value")
 	}
 	return nil
@@ -149,9 +156,11 @@ func requireUUID(field string, v *string) (string, error) {
 	return id, nil
 }
 
-// requireText checks a required, non-empty text field.
+// requireText checks a required, non-empty text field. Emptiness is judged
+// on the text as it will be stored (NUL bytes dropped), so a content of NULs
+// alone is refused rather than stored as "".
 func requireText(field string, v *string) (string, error) {
-	if v == nil || strings.TrimSpace(*v) == "" {
+	if v == nil || strings.TrimSpace(cleanText(*v)) == "" {
 		return "", badRequestf("field %q is required and must not be empty", field)
 	}
 	return *v, nil
@@ -167,10 +176,16 @@ type messageJSON struct {
 	RequiresUserInput bool   `json:"requires_user_input"`
 }
 
+// createdAtLayout is RFC 3339 with a zone, written as Omnara's server wrote
+// it (Python's isoformat of a UTC time: six fraction digits, "+00:00"), which
+// every Python 3 datetime.fromisoformat reads; before 3.11 it refuses "Z"
+// and fractions of other lengths.
+const createdAtLayout = "2006-01-02T15:04:05.000000-07:00"
+
 func toMessageJSON(ms []message) []messageJSON {
 	out := make([]messageJSON, 0, len(ms))
 	for _, m := range ms {
-		out = append(out, messageJSON{m.ID, m.Content, m.SenderType, m.CreatedAt.UTC().Format(time.RFC3339Nano), m.RequiresUserInput})
+		out = append(out, messageJSON{m.ID, m.Content, m.SenderType, m.CreatedAt.UTC().Format(createdAtLayout), m.RequiresUserInput})
 	}
 	return out
 }

@@ -187,12 +187,16 @@ func (s *store) addAPIKey(ctx context.Context, userID, name, tokenHash, scope st
 	return id, nil
 }
 
+// sqlAPIKeyByHash runs once per authenticated request; a constant because
+// perf_test.go's pgbench script runs it too.
+const sqlAPIKeyByHash = `
+		SELECT id, user_id, scope, is_active, expires_at, last_used_at
+		FROM api_keys WHERE api_key_hash = $1`
+
 // apiKeyByHash returns the key whose token hashes to tokenHash, or errNotFound.
 func (s *store) apiKeyByHash(ctx context.Context, tokenHash string) (apiKey, error) {
 	var k apiKey
-	err := s.db.QueryRowContext(ctx, `
-		SELECT id, user_id, scope, is_active, expires_at, last_used_at
-		FROM api_keys WHERE api_key_hash = $1`, tokenHash).
+	err := s.db.QueryRowContext(ctx, sqlAPIKeyByHash, tokenHash).
 		Scan(&k.ID, &k.UserID, &k.Scope, &k.Active, &k.ExpiresAt, &k.LastUsedAt)
 	if errors.Is(err, sql.ErrNoRows) {
 		return apiKey{}, errNotFound
@@ -236,15 +240,51 @@ func (s *store) revokeAPIKey(ctx context.Context, idOrHash string) error {
 
 // ---- sessions and messages ----
 
+// The three statements of the hot path (an agent message in an existing
+// session: lockSession, feedbackAfter, insertAgentMessage) are constants
+// rather than literals at their call sites because perf_test.go builds its
+// pgbench script from these very strings, so the throughput baseline can
+// never drift from the SQL the server runs. $1 is the session, $2 the user.
+const (
+	sqlLockSession = `
+		SELECT last_read_seq, last_read_message_id, status FROM agent_instances
+		WHERE id = $1 AND user_id = $2
+		FOR UPDATE`
+	// $3: the read pointer's seq.
+	sqlFeedbackAfter = `
+		SELECT id, seq, content, requires_user_input, created_at FROM messages
+		WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'USER' AND seq > $3
+		ORDER BY seq`
+	// $3 content, $4 requires_user_input, $5-$7 send_email/sms/push, $8 git_diff.
+	sqlInsertAgentMessage = `
+		WITH lk AS (SELECT pg_advisory_xact_lock(hashtextextended($2::uuid::text, 0))),
+		ins AS (
+			INSERT INTO messages (agent_instance_id, user_id, sender_type, content, requires_user_input, send_email, send_sms, send_push)
+			SELECT $1::uuid, $2::uuid, 'AGENT', $3::text, $4::boolean, $5::boolean, $6::boolean, $7::boolean FROM lk
+			RETURNING id, seq, created_at
+		),
+		upd AS (
+			UPDATE agent_instances AS a SET
+				last_read_message_id = ins.id,
+				last_read_seq = ins.seq,
+				step_count = a.step_count + (NOT $4)::int,
+				last_activity_at = GREATEST(a.last_activity_at, ins.created_at),
+				status = CASE WHEN a.status = 'COMPLETED' THEN a.status WHEN $4 THEN 'AWAITING_INPUT' ELSE 'ACTIVE' END,
+				git_diff = COALESCE($8::text, a.git_diff)
+			FROM ins WHERE a.id = $1 AND a.user_id = $2
+			RETURNING a.step_count
+		)
+		SELECT ins.id, ins.seq, ins.created_at, upd.step_count,
+			pg_notify('agentline', 'm ' || $2::uuid::text || ' ' || $1::uuid::text || ' ' || ins.seq)
+		FROM ins, upd`
+)
+
 // lockSession takes the session's row lock for the rest of tx and returns its
 // read pointer's seq and status. It returns errNotFound if the session is
 // missing or not userID's. Every change to a session's messages or pointer
 // happens under this lock, which is what makes delivery exactly-once.
 func lockSession(ctx context.Context, tx *sql.Tx, userID, sessionID string) (readSeq int64, readID sql.NullString, status string, err error) {
-	err = tx.QueryRowContext(ctx, `
-		SELECT last_read_seq, last_read_message_id, status FROM agent_instances
-		WHERE id = $1 AND user_id = $2
-		FOR UPDATE`, sessionID, userID).Scan(&readSeq, &readID, &status)
+	err = tx.QueryRowContext(ctx, sqlLockSession, sessionID, userID).Scan(&readSeq, &readID, &status)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, readID, "", errNotFound
 	}
@@ -299,10 +339,7 @@ func lockOrCreateSession(ctx context.Context, tx *sql.Tx, userID, sessionID, age
 // feedbackAfter returns the user messages of the session after seq, oldest
 // first.
 func feedbackAfter(ctx context.Context, tx *sql.Tx, userID, sessionID string, seq int64) ([]message, error) {
-	rows, err := tx.QueryContext(ctx, `
-		SELECT id, seq, content, requires_user_input, created_at FROM messages
-		WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'USER' AND seq > $3
-		ORDER BY seq`, sessionID, userID, seq)
+	rows, err := tx.QueryContext(ctx, sqlFeedbackAfter, sessionID, userID, seq)
 	if err != nil {
 		return nil, fmt.Errorf("feedback: %w", err)
 	}
@@ -346,27 +383,7 @@ type agentMessageResult struct {
 func insertAgentMessage(ctx context.Context, tx *sql.Tx, userID string, in agentMessage) (message, int, error) {
 	m := message{SessionID: in.SessionID, SenderType: senderAgent, Content: cleanText(in.Content), RequiresUserInput: in.RequiresUserInput}
 	var steps int
-	err := tx.QueryRowContext(ctx, `
-		WITH lk AS (SELECT pg_advisory_xact_lock(hashtextextended($2::uuid::text, 0))),
-		ins AS (
-			INSERT INTO messages (agent_instance_id, user_id, sender_type, content, requires_user_input, send_email, send_sms, send_push)
-			SELECT $1::uuid, $2::uuid, 'AGENT', $3::text, $4::boolean, $5::boolean, $6::boolean, $7::boolean FROM lk
-			RETURNING id, seq, created_at
-		),
-		upd AS (
-			UPDATE agent_instances AS a SET
-				last_read_message_id = ins.id,
-				last_read_seq = ins.seq,
-				step_count = a.step_count + (NOT $4)::int,
-				last_activity_at = ins.created_at,
-				status = CASE WHEN a.status = 'COMPLETED' THEN a.status WHEN $4 THEN 'AWAITING_INPUT' ELSE 'ACTIVE' END,
-				git_diff = COALESCE($8::text, a.git_diff)
-			FROM ins WHERE a.id = $1 AND a.user_id = $2
-			RETURNING a.step_count
-		)
-		SELECT ins.id, ins.seq, ins.created_at, upd.step_count,
-			pg_notify('agentline', 'm ' || $2::uuid::text || ' ' || $1::uuid::text || ' ' || ins.seq)
-		FROM ins, upd`,
+	err := tx.QueryRowContext(ctx, sqlInsertAgentMessage,
 		in.SessionID, userID, m.Content, in.RequiresUserInput, in.SendEmail, in.SendSMS, in.SendPush, in.GitDiff,
 	).Scan(&m.ID, &m.Seq, &m.CreatedAt, &steps, new(string))
 	if err != nil {
@@ -421,7 +438,7 @@ func (s *store) addUserMessage(ctx context.Context, userID, sessionID, content s
 				UPDATE agent_instances AS a SET
 					last_read_message_id = CASE WHEN $4::boolean THEN ins.id ELSE a.last_read_message_id END,
 					last_read_seq = CASE WHEN $4 THEN ins.seq ELSE a.last_read_seq END,
-					last_activity_at = ins.created_at,
+					last_activity_at = GREATEST(a.last_activity_at, ins.created_at),
 					status = CASE WHEN a.status = 'AWAITING_INPUT' THEN 'ACTIVE' ELSE a.status END
 				FROM ins WHERE a.id = $1 AND a.user_id = $2
 				RETURNING a.id
@@ -556,6 +573,199 @@ func (s *store) endSession(ctx context.Context, userID, sessionID string) error 
 	return nil
 }
 
+// ---- read API (person keys) ----
+
+// sessionSummary is one session as the person's sessions list shows it.
+type sessionSummary struct {
+	ID             string
+	AgentType      string
+	Status         string
+	StartedAt      time.Time
+	EndedAt        sql.NullTime
+	LastActivityAt time.Time
+	LastMessage    sql.NullString // the latest message's first characters (see listSessions)
+	QuestionID     sql.NullString // the open question, if any
+	Question       sql.NullString
+}
+
+// sessionCursor is a position in the sessions list, newest activity first:
+// a page starts strictly after it.
+type sessionCursor struct {
+	LastActivityAt time.Time
+	ID             string
+}
+
+// listSessions returns up to limit of userID's sessions, newest activity
+// first, starting after cursor (nil: from the newest), optionally only those
+// with status. LastMessage holds at least the first 200 characters of the
+// latest message (the caller cuts it). The open question is the latest
+// message when it is an agent question of a session that has not ended: a
+// user message after it answers it, an agent message after it supersedes it.
+func (s *store) listSessions(ctx context.Context, userID, status string, cursor *sessionCursor, limit int) ([]sessionSummary, error) {
+	// No cursor: a position before every row, so the query has one shape and
+	// the row comparison is always an index condition.
+	at, id := time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC), "ffffffff-ffff-ffff-ffff-ffffffffffff"
+	if cursor != nil {
+		at, id = cursor.LastActivityAt, cursor.ID
+	}
+	// left(…, 800): 200 characters are at most 800 bytes, whatever the
+	// database's encoding; the handler cuts to 200 characters.
+	rows, err := s.db.QueryContext(ctx, `
+		SELECT a.id, ua.name, a.status, a.started_at, a.ended_at, a.last_activity_at,
+			left(lm.content, 800),
+			CASE WHEN lm.asks THEN lm.id END,
+			CASE WHEN lm.asks THEN lm.content END
+		FROM agent_instances a
+		JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = $1
+		LEFT JOIN LATERAL (
+			SELECT m.id, m.content,
+				m.sender_type = 'AGENT' AND m.requires_user_input AND a.status <> 'COMPLETED' AS asks
+			FROM messages m
+			WHERE m.agent_instance_id = a.id AND m.user_id = $1
+			ORDER BY m.seq DESC LIMIT 1
+		) lm ON true
+		WHERE a.user_id = $1
+			AND ($2 = '' OR a.status = $2)
+			AND (a.last_activity_at, a.id) < ($3::timestamptz, $4::uuid)
+		ORDER BY a.last_activity_at DESC, a.id DESC
+		LIMIT $5`, userID, status, at, id, limit)
+	if err != nil {
+		return nil, fmt.Errorf("list sessions: %w", err)
+	}
+	defer rows.Close()
+	var out []sessionSummary
+	for rows.Next() {
+		var ss sessionSummary
+		if err := rows.Scan(&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt,
+			&ss.LastMessage, &ss.QuestionID, &ss.Question); err != nil {
+			return nil, fmt.Errorf("list sessions: %w", err)
+		}
+		out = append(out, ss)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list sessions: %w", err)
+	}
+	return out, nil
+}
+
+// sessionTimeline is a session with a page of its messages.
+type sessionTimeline struct {
+	ID        string
+	AgentType string
+	Status    string
+	GitDiff   sql.NullString
+	Messages  []message
+}
+
+// sessionMessages returns the session and up to limit of its messages with
+// seq > after, in commit order, read from one snapshot. It returns
+// errNotFound if the session is missing or not userID's.
+func (s *store) sessionMessages(ctx context.Context, userID, sessionID string, after int64, limit int) (sessionTimeline, error) {
+	tl := sessionTimeline{ID: sessionID}
+	tx, err := s.db.BeginTx(ctx, &sql.TxOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true})
+	if err != nil {
+		return tl, fmt.Errorf("session messages: %w", err)
+	}
+	defer tx.Rollback()
+	err = tx.QueryRowContext(ctx, `
+		SELECT ua.name, a.status, a.git_diff
+		FROM agent_instances a JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = $2
+		WHERE a.id = $1 AND a.user_id = $2`, sessionID, userID).Scan(&tl.AgentType, &tl.Status, &tl.GitDiff)
+	if errors.Is(err, sql.ErrNoRows) {
+		return tl, errNotFound
+	}
+	if err != nil {
+		return tl, fmt.Errorf("session messages: %w", err)
+	}
+	rows, err := tx.QueryContext(ctx, `
+		SELECT id, seq, sender_type, content, requires_user_input, created_at FROM messages
+		WHERE agent_instance_id = $1 AND user_id = $2 AND seq > $3
+		ORDER BY seq LIMIT $4`, sessionID, userID, after, limit)
+	if err != nil {
+		return tl, fmt.Errorf("session messages: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		m := message{SessionID: sessionID}
+		if err := rows.Scan(&m.ID, &m.Seq, &m.SenderType, &m.Content, &m.RequiresUserInput, &m.CreatedAt); err != nil {
+			return tl, fmt.Errorf("session messages: %w", err)
+		}
+		tl.Messages = append(tl.Messages, m)
+	}
+	if err := rows.Err(); err != nil {
+		return tl, fmt.Errorf("session messages: %w", err)
+	}
+	return tl, tx.Commit()
+}
+
+// latestSeq returns the seq of userID's newest message, 0 if there is none.
+func (s *store) latestSeq(ctx context.Context, userID string) (int64, error) {
+	var seq int64
+	err := s.db.QueryRowContext(ctx, `
+		SELECT COALESCE(max(seq), 0) FROM messages WHERE user_id = $1`, userID).Scan(&seq)
+	if err != nil {
+		return 0, fmt.Errorf("latest seq: %w", err)
+	}
+	return seq, nil
+}
+
+// messagesAfter returns up to limit of userID's messages, in all sessions,
+// with seq > after, in seq order. For one user seq order is commit order (a
+// message takes its seq under the user's advisory lock, held to commit), so
+// a reader that advances its cursor to the last seq it got never skips a
+// message committed later.
+func (s *store) messagesAfter(ctx context.Context, userID string, after int64, limit int) ([]message, error) {
+	rows, err := s.db.QueryContext(ctx, `
+		SELECT id, seq, agent_instance_id, sender_type, content, requires_user_input, created_at FROM messages
+		WHERE user_id = $1 AND seq > $2
+		ORDER BY seq LIMIT $3`, userID, after, limit)
+	if err != nil {
+		return nil, fmt.Errorf("messages after: %w", err)
+	}
+	defer rows.Close()
+	var out []message
+	for rows.Next() {
+		var m message
+		if err := rows.Scan(&m.ID, &m.Seq, &m.SessionID, &m.SenderType, &m.Content, &m.RequiresUserInput, &m.CreatedAt); err != nil {
+			return nil, fmt.Errorf("messages after: %w", err)
+		}
+		out = append(out, m)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("messages after: %w", err)
+	}
+	return out, nil
+}
+
+// recentSessions returns userID's sessions whose last activity is within
+// window of the database's clock, newest first, at most 500. Every change of
+// a session's status also moves its last activity, so a reader comparing two
+// calls sees every change made in between.
+func (s *store) recentSessions(ctx context.Context, userID string, window time.Duration) ([]sessionSummary, error) {
+	rows, err := s.db.QueryContext(ctx, `
+		SELECT a.id, ua.name, a.status, a.started_at, a.ended_at, a.last_activity_at
+		FROM agent_instances a JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = $1
+		WHERE a.user_id = $1 AND a.last_activity_at > now() - make_interval(secs => $2)
+		ORDER BY a.last_activity_at DESC, a.id DESC
+		LIMIT 500`, userID, window.Seconds())
+	if err != nil {
+		return nil, fmt.Errorf("recent sessions: %w", err)
+	}
+	defer rows.Close()
+	var out []sessionSummary
+	for rows.Next() {
+		var ss sessionSummary
+		if err := rows.Scan(&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt); err != nil {
+			return nil, fmt.Errorf("recent sessions: %w", err)
+		}
+		out = append(out, ss)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("recent sessions: %w", err)
+	}
+	return out, nil
+}
+
 // ---- questions ----
 
 // question is an agent message that waits for a person's answer.
@@ -687,8 +897,10 @@ func (s *store) answer(ctx context.Context, userID, sessionID string, q question
 func isUnavailable(err error) bool {
 	var pqErr *pq.Error
 	if errors.As(err, &pqErr) {
-		// Class 08: connection exception; 57P01-57P03: shutting down or starting.
-		return pqErr.Code.Class() == "08" || pqErr.Code == "57P01" || pqErr.Code == "57P02" || pqErr.Code == "57P03"
+		// Class 08: connection exception; class 53: out of resources (too
+		// many connections); 57P01-57P03: shutting down or starting.
+		return pqErr.Code.Class() == "08" || pqErr.Code.Class() == "53" ||
+			pqErr.Code == "57P01" || pqErr.Code == "57P02" || pqErr.Code == "57P03"
 	}
 	var netErr net.Error
 	return errors.As(err, &netErr) || errors.Is(err, driver.ErrBadConn) || errors.Is(err, io.EOF) ||

@@ -1,0 +1,491 @@
+package main
+
+// ui.go is the person's side: the read API (the sessions list, a session's
+// messages), the live event stream, and the inbox page embedded in the
+// binary. Every handler here sits behind requireKey and requirePerson, except
+// the page's static files, which hold no data.
+
+import (
+	"context"
+	"embed"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Limits of the read API. A limit over the maximum is a 400, not clamped,
+// so a client never mistakes a short page for the end.
+const (
+	defaultSessionsLimit = 50
+	maxSessionsLimit     = 200
+	defaultMessagesLimit = 200
+	maxMessagesLimit     = 1000
+	lastMessageChars     = 200
+)
+
+// sessionStatuses are the statuses the schema allows (its CHECK list).
+var sessionStatuses = []string{"ACTIVE", "AWAITING_INPUT", "PAUSED", "STALE", "COMPLETED", "FAILED", "KILLED", "DISCONNECTED"}
+
+// cutChars returns s cut to at most n characters (not bytes).
+func cutChars(s string, n int) string {
+	i := 0
+	for pos := range s {
+		if i == n {
+			return s[:pos]
+		}
+		i++
+	}
+	return s
+}
+
+func timeJSON(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
+
+// queryInt parses the query parameter name: def when absent, else a whole
+// number from lo to hi.
+func queryInt(r *http.Request, name string, def, lo, hi int64) (int64, error) {
+	v := r.URL.Query().Get(name)
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n < lo || n > hi {
+		return 0, badRequestf("%s must be a whole number from %d to %d", name, lo, hi)
+	}
+	return n, nil
+}
+
+// ---- GET /api/v1/sessions ----
+
+type questionJSON struct {
+	ID      string `json:"id"`
+	Content string `json:"content"`
+}
+
+// sessionJSON is a session in a "session" event.
+type sessionJSON struct {
+	ID             string  `json:"id"`
+	AgentType      string  `json:"agent_type"`
+	Status         string  `json:"status"`
+	StartedAt      string  `json:"started_at"`
+	EndedAt        *string `json:"ended_at"`
+	LastActivityAt string  `json:"last_activity_at"`
+}
+
+func toSessionJSON(s sessionSummary) sessionJSON {
+	j := sessionJSON{ID: s.ID, AgentType: s.AgentType, Status: s.Status,
+		StartedAt: timeJSON(s.StartedAt), LastActivityAt: timeJSON(s.LastActivityAt)}
+	if s.EndedAt.Valid {
+		t := timeJSON(s.EndedAt.Time)
+		j.EndedAt = &t
+	}
+	return j
+}
+
+// sessionItemJSON is a session in the list: also its latest message's text
+// and its open question (null when none).
+type sessionItemJSON struct {
+	sessionJSON
+	LastMessage  *string       `json:"last_message"`
+	OpenQuestion *questionJSON `json:"open_question"`
+}
+
+func toSessionItemJSON(s sessionSummary) sessionItemJSON {
+	j := sessionItemJSON{sessionJSON: toSessionJSON(s)}
+	if s.LastMessage.Valid {
+		m := cutChars(s.LastMessage.String, lastMessageChars)
+		j.LastMessage = &m
+	}
+	if s.QuestionID.Valid {
+		j.OpenQuestion = &questionJSON{ID: s.QuestionID.String, Content: s.Question.String}
+	}
+	return j
+}
+
+type sessionsPage struct {
+	Sessions   []sessionItemJSON `json:"sessions"`
+	NextBefore *string           `json:"next_before"` // null on the last page
+}
+
+// encodeCursor makes the opaque `before` of the next page.
+func encodeCursor(c sessionCursor) string {
+	return base64.RawURLEncoding.EncodeToString([]byte(timeJSON(c.LastActivityAt) + "_" + c.ID))
+}
+
+// decodeCursor reads a `before` made by encodeCursor.
+func decodeCursor(v string) (*sessionCursor, error) {
+	bad := badRequestf("before must be the next_before of a previous page")
+	raw, err := base64.RawURLEncoding.DecodeString(v)
+	if err != nil {
+		return nil, bad
+	}
+	ts, idText, ok := strings.Cut(string(raw), "_")
+	if !ok {
+		return nil, bad
+	}
+	at, err := time.Parse(time.RFC3339Nano, ts)
+	if err != nil {
+		return nil, bad
+	}
+	id, ok := parseUUID(idText)
+	if !ok {
+		return nil, bad
+	}
+	return &sessionCursor{LastActivityAt: at, ID: id}, nil
+}
+
+func (a *app) handleSessions() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		status := strings.ToUpper(q.Get("status"))
+		if status != "" && !slices.Contains(sessionStatuses, status) {
+			writeError(w, r, a.log, badRequestf("status must be one of %s", strings.Join(sessionStatuses, ", ")))
+			return
+		}
+		limit, err := queryInt(r, "limit", defaultSessionsLimit, 1, maxSessionsLimit)
+		if err != nil {
+			writeError(w, r, a.log, err)
+			return
+		}
+		var cursor *sessionCursor
+		if v := q.Get("before"); v != "" {
+			if cursor, err = decodeCursor(v); err != nil {
+				writeError(w, r, a.log, err)
+				return
+			}
+		}
+		c, _ := callerFrom(r.Context())
+		list, err := a.store.listSessions(r.Context(), c.UserID, status, cursor, int(limit))
+		if err != nil {
+			writeError(w, r, a.log, err)
+			return
+		}
+		page := sessionsPage{Sessions: make([]sessionItemJSON, 0, len(list))}
+		for _, s := range list {
+			page.Sessions = append(page.Sessions, toSessionItemJSON(s))
+		}
+		if len(list) == int(limit) {
+			last := list[len(list)-1]
+			next := encodeCursor(sessionCursor{last.LastActivityAt, last.ID})
+			page.NextBefore = &next
+		}
+		writeJSON(w, http.StatusOK, page)
+	}
+}
+
+// ---- GET /api/v1/sessions/{id}/messages ----
+
+// timelineMessageJSON is a message as the person's side shows it: Omnara's
+// five fields plus seq, the position to resume from (and session_id in an
+// event).
+type timelineMessageJSON struct {
+	SessionID         string `json:"session_id,omitempty"`
+	ID                string `json:"id"`
+	Seq               int64  `json:"seq"`
+	Content           string `json:"content"`
+	SenderType        string `json:"sender_type"`
+	CreatedAt         string `json:"created_at"`
+	RequiresUserInput bool   `json:"requires_user_input"`
+}
+
+func toTimelineJSON(m message, withSession bool) timelineMessageJSON {
+	j := timelineMessageJSON{ID: m.ID, Seq: m.Seq, Content: m.Content, SenderType: m.SenderType,
+		CreatedAt: timeJSON(m.CreatedAt), RequiresUserInput: m.RequiresUserInput}
+	if withSession {
+		j.SessionID = m.SessionID
+	}
+	return j
+}
+
+type timelineJSON struct {
+	SessionID string                `json:"session_id"`
+	AgentType string                `json:"agent_type"`
+	Status    string                `json:"status"`
+	GitDiff   *string               `json:"git_diff"`
+	Messages  []timelineMessageJSON `json:"messages"`
+	NextAfter *int64                `json:"next_after"` // set when the page is full: more may follow
+}
+
+func (a *app) handleSessionMessages() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id, ok := parseUUID(r.PathValue("id"))
+		if !ok {
+			writeError(w, r, a.log, badRequestf("the session id must be a UUID"))
+			return
+		}
+		after, err := queryInt(r, "after", 0, 0, 1<<62)
+		if err != nil {
+			writeError(w, r, a.log, err)
+			return
+		}
+		limit, err := queryInt(r, "limit", defaultMessagesLimit, 1, maxMessagesLimit)
+		if err != nil {
+			writeError(w, r, a.log, err)
+			return
+		}
+		c, _ := callerFrom(r.Context())
+		tl, err := a.store.sessionMessages(r.Context(), c.UserID, id, after, int(limit))
+		if err != nil {
+			writeError(w, r, a.log, err)
+			return
+		}
+		out := timelineJSON{SessionID: tl.ID, AgentType: tl.AgentType, Status: tl.Status,
+			Messages: make([]timelineMessageJSON, 0, len(tl.Messages))}
+		if tl.GitDiff.Valid && tl.GitDiff.String != "" {
+			out.GitDiff = &tl.GitDiff.String
+		}
+		for _, m := range tl.Messages {
+			out.Messages = append(out.Messages, toTimelineJSON(m, false))
+		}
+		if len(tl.Messages) == int(limit) {
+			next := tl.Messages[len(tl.Messages)-1].Seq
+			out.NextAfter = &next
+		}
+		writeJSON(w, http.StatusOK, out)
+	}
+}
+
+// ---- GET /api/v1/events ----
+
+// eventsKeepalive is how often an idle event stream sends a comment line,
+// so proxies that close quiet connections leave it open.
+const eventsKeepalive = 15 * time.Second
+
+// sessionWindow is how far back (by the database's clock) a stream looks for
+// session changes on each wake-up. A change moves last_activity_at to the
+// start of its transaction, so it is seen unless that transaction ran for
+// longer than this.
+const sessionWindow = 5 * time.Minute
+
+// eventBatch is how many missed messages one query reads while catching up.
+const eventBatch = 500
+
+// eventStream is one client's stream: what it has sent so far.
+type eventStream struct {
+	a      *app
+	w      http.ResponseWriter
+	rc     *http.ResponseController
+	userID string
+	cursor int64 // seq of the last message sent (or the starting point)
+	// sessions is the state last sent (or known at start) of each session
+	// active within sessionWindow; a session event goes out when it changes.
+	sessions map[string]sessionSummary
+}
+
+// handleEvents streams the caller's new messages (event "message", id = seq)
+// and session changes (event "session", no id) as Server-Sent Events.
+//
+// Messages: with Last-Event-ID the stream first replays every message with a
+// larger seq from the database, then follows; without it, it starts after the
+// newest message. The first event, "ready", carries the starting cursor as its
+// id, so a client can always resume. A wake-up from the hub (or the 30 s
+// safety re-check) reads seq > cursor: for one user seq order is commit order,
+// so nothing is skipped and nothing is sent twice.
+//
+// Sessions: an event is sent when a recently active session's status or last
+// activity changes after the stream started. They are not replayed: a client
+// re-reads GET /api/v1/sessions after (re)connecting, once the response
+// headers have arrived.
+//
+// While idle the stream holds no database connection; it ends when the client
+// goes away or the server shuts down.
+func (a *app) handleEvents() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		c, _ := callerFrom(r.Context())
+		ctx := r.Context()
+		cursor := int64(-1)
+		if v := r.Header.Get("Last-Event-ID"); v != "" {
+			n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err != nil || n < 0 {
+				writeError(w, r, a.log, badRequestf("Last-Event-ID must be the id of an event of this stream"))
+				return
+			}
+			cursor = n
+		}
+		// Subscribe before the first read: a change committed in between
+		// wakes us rather than being lost.
+		wake, cancel := a.hub.subscribe("u:" + c.UserID)
+		defer cancel()
+		s := &eventStream{a: a, w: w, rc: http.NewResponseController(w), userID: c.UserID, cursor: cursor,
+			sessions: map[string]sessionSummary{}}
+		if s.cursor < 0 {
+			seq, err := a.store.latestSeq(ctx, c.UserID)
+			if err != nil {
+				writeError(w, r, a.log, err)
+				return
+			}
+			s.cursor = seq
+		}
+		recent, err := a.store.recentSessions(ctx, c.UserID, sessionWindow)
+		if err != nil {
+			writeError(w, r, a.log, err)
+			return
+		}
+		for _, ss := range recent {
+			s.sessions[ss.ID] = ss
+		}
+
+		h := w.Header()
+		h.Set("Content-Type", "text/event-stream")
+		h.Set("Cache-Control", "no-store")
+		h.Set("X-Accel-Buffering", "no") // nginx: pass each event on at once
+		w.WriteHeader(http.StatusOK)
+		ready, _ := json.Marshal(map[string]int64{"cursor": s.cursor})
+		if err := s.send("ready", strconv.FormatInt(s.cursor, 10), ready); err != nil {
+			return
+		}
+
+		every := a.eventsKeepalive
+		if every <= 0 {
+			every = eventsKeepalive
+		}
+		keepalive := time.NewTicker(every)
+		defer keepalive.Stop()
+		recheck := time.NewTicker(safetyRecheck)
+		defer recheck.Stop()
+		// waitForChange reports whether something may have changed; false
+		// means the stream ends.
+		waitForChange := func() bool {
+			for {
+				select {
+				case <-wake:
+					return true
+				case <-recheck.C:
+					return true
+				case <-keepalive.C:
+					if err := s.write([]byte(": keepalive\n\n")); err != nil {
+						return false
+					}
+				case <-ctx.Done():
+					return false
+				case <-a.stopping.Done():
+					return false
+				}
+			}
+		}
+		for {
+			if err := s.catchUp(ctx); err != nil {
+				if ctx.Err() == nil && a.stopping.Err() == nil && !isWriteError(err) {
+					a.log.Warn("event stream ended", "err", err)
+				}
+				return
+			}
+			if !waitForChange() {
+				return
+			}
+		}
+	}
+}
+
+// writeFailed marks an error writing to the client (it went away or stalled).
+type writeFailed struct{ err error }
+
+func (e *writeFailed) Error() string { return "write event: " + e.err.Error() }
+
+func isWriteError(err error) bool {
+	var wf *writeFailed
+	return errors.As(err, &wf)
+}
+
+// write sends b and flushes it. A client that does not read for 30 s is
+// dropped rather than holding the stream's buffers for ever.
+func (s *eventStream) write(b []byte) error {
+	s.rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	if _, err := s.w.Write(b); err != nil {
+		return &writeFailed{err}
+	}
+	if err := s.rc.Flush(); err != nil {
+		return &writeFailed{err}
+	}
+	return nil
+}
+
+// send writes one event. data is JSON, which never holds a raw line break.
+func (s *eventStream) send(event, id string, data []byte) error {
+	var b strings.Builder
+	b.WriteString("event: " + event + "\n")
+	if id != "" {
+		b.WriteString("id: " + id + "\n")
+	}
+	b.WriteString("data: ")
+	b.Write(data)
+	b.WriteString("\n\n")
+	return s.write([]byte(b.String()))
+}
+
+// catchUp sends the session changes and the messages committed since the
+// last call.
+func (s *eventStream) catchUp(ctx context.Context) error {
+	recent, err := s.a.store.recentSessions(ctx, s.userID, sessionWindow)
+	if err != nil {
+		return err
+	}
+	seen := make(map[string]sessionSummary, len(recent))
+	for _, ss := range recent {
+		seen[ss.ID] = ss
+		old, ok := s.sessions[ss.ID]
+		if ok && old.Status == ss.Status && old.LastActivityAt.Equal(ss.LastActivityAt) {
+			continue
+		}
+		data, _ := json.Marshal(toSessionJSON(ss))
+		if err := s.send("session", "", data); err != nil {
+			return err
+		}
+	}
+	// A session that left the window comes back (as a change) only when its
+	// last activity moves again.
+	s.sessions = seen
+
+	for {
+		msgs, err := s.a.store.messagesAfter(ctx, s.userID, s.cursor, eventBatch)
+		if err != nil {
+			return err
+		}
+		for _, m := range msgs {
+			data, _ := json.Marshal(toTimelineJSON(m, true))
+			if err := s.send("message", strconv.FormatInt(m.Seq, 10), data); err != nil {
+				return err
+			}
+			s.cursor = m.Seq
+		}
+		if len(msgs) < eventBatch {
+			return nil
+		}
+	}
+}
+
+// ---- the inbox page ----
+
+//go:embed ui
+var uiFiles embed.FS
+
+// pageCSP allows the page only its own files: no inline script or style, no
+// other host, no framing. Agent text that slipped into the DOM as markup
+// would still run nothing.
+const pageCSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; " +
+	"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+
+// handlePage serves the embedded inbox (index.html, app.js, app.css). It
+// needs no key: the page holds no data until a person pastes one.
+func (a *app) handlePage() http.Handler {
+	sub, err := fs.Sub(uiFiles, "ui")
+	if err != nil {
+		panic(fmt.Sprintf("embedded ui: %v", err)) // unreachable: the folder is embedded
+	}
+	files := http.FileServerFS(sub)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("Content-Security-Policy", pageCSP)
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("Referrer-Policy", "no-referrer")
+		h.Set("X-Frame-Options", "DENY") // for browsers without frame-ancestors
+		h.Set("Cache-Control", "no-cache")
+		files.ServeHTTP(w, r)
+	})
+}
