@@ -294,7 +294,7 @@ func (m *mcpServer) logStep(ctx context.Context, who mcpCaller, _ *mcp.CallToolR
 	if err != nil {
 		return nil, logStepOut{}, err
 	}
-	if strings.TrimSpace(in.StepDescription) == "" {
+	if strings.TrimSpace(cleanText(in.StepDescription)) == "" {
 		return nil, logStepOut{}, toolError("step_description must not be empty")
 	}
 	res, err := m.a.store.addAgentMessage(ctx, who.userID, agentMessage{SessionID: id, AgentType: who.agentType, Content: in.StepDescription})
@@ -343,7 +343,7 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 	if err != nil {
 		return nil, askQuestionOut{}, err
 	}
-	if strings.TrimSpace(in.QuestionText) == "" {
+	if strings.TrimSpace(cleanText(in.QuestionText)) == "" {
 		return nil, askQuestionOut{}, toolError("question_text must not be empty")
 	}
 	q, err := m.a.store.askQuestion(ctx, who.userID, id, in.QuestionText)

@@ -662,6 +662,13 @@ func TestMCPOddText(t *testing.T) {
 	if content != "ab <script>" {
 		t.Fatalf("stored %q", content)
 	}
+	// Text that is empty once cleaned is refused, not stored empty.
+	sid := out["agent_instance_id"].(string)
+	mcpTWantError(t, mcpTCall(t, cs, "log_step", map[string]any{"agent_instance_id": sid, "step_description": "\x00\x00"}), "empty")
+	mcpTWantError(t, mcpTCall(t, cs, "ask_question", map[string]any{"agent_instance_id": sid, "question_text": " \x00 "}), "empty")
+	if n := mcpTQuestions(t, e, sid); n != 0 {
+		t.Fatalf("%d questions stored from NUL-only text", n)
+	}
 }
 
 // ---- progress ----
