@@ -115,7 +115,7 @@ func faultEnv(t *testing.T) (*testEnv, *faultCluster) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return perfNewEnv(t, dsn, priv), c
+	return newTestEnvOn(t, dsn, priv), c
 }
 
 // faultWaiter is one REST long-poll or MCP ask_question in flight.
@@ -241,7 +241,7 @@ func TestFaultDatabaseRestart(t *testing.T) {
 	c.stop(t)
 	stopTook := time.Since(stopAt)
 	replicaWaitFor(t, "the listener to notice", func() bool {
-		return strings.Contains(perfLogs(e), "listener disconnected")
+		return strings.Contains(e.logs.String(), "listener disconnected")
 	})
 	time.Sleep(time.Second) // down for a while: the listener backs off
 	// A waiter ends during the outage only if it reads the database then:
@@ -275,7 +275,7 @@ func TestFaultDatabaseRestart(t *testing.T) {
 	for i, w := range ws {
 		retries += faultPostRetry(t, e, key, w.session, fmt.Sprintf("answer %d", i))
 	}
-	beforeListener := !strings.Contains(perfLogs(e), "listener reconnected")
+	beforeListener := !strings.Contains(e.logs.String(), "listener reconnected")
 	for i, w := range ws {
 		select {
 		case m := <-w.done:
@@ -283,7 +283,7 @@ func TestFaultDatabaseRestart(t *testing.T) {
 				t.Errorf("%s waiter %d got %q", w.kind, i, m)
 			}
 		case <-time.After(20 * time.Second):
-			t.Fatalf("%s waiter %d never got its answer after the restart; logs:\n%s", w.kind, i, perfLogs(e))
+			t.Fatalf("%s waiter %d never got its answer after the restart; logs:\n%s", w.kind, i, e.logs.String())
 		}
 	}
 	t.Logf("all %d answers arrived; %d answer posts got 503 first; answers committed before the listener reconnected: %v",
@@ -307,7 +307,7 @@ func TestFaultDatabaseRestart(t *testing.T) {
 		}
 	}
 	// And the hub works as before: a new wait is woken by NOTIFY.
-	replicaWaitFor(t, "the listener to reconnect", func() bool { return strings.Contains(perfLogs(e), "listener reconnected") })
+	replicaWaitFor(t, "the listener to reconnect", func() bool { return strings.Contains(e.logs.String(), "listener reconnected") })
 	again := faultStartWaiters(t, e, key, 1)
 	for i, w := range again {
 		faultPostRetry(t, e, key, w.session, fmt.Sprintf("again %d", i))

@@ -146,25 +146,39 @@ type testEnv struct {
 	dsn    string
 	signer crypto.Signer
 	stop   context.CancelFunc
-	logs   *bytes.Buffer
+	logs   *lockedBuffer // what the app logged; safe to read while it writes
 }
 
 type envOption func(*app)
 
+// newTestEnv builds an app over a fresh database with a fresh Ed25519 key.
 func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 	t.Helper()
-	db, dsn := mustDB(t)
+	_, dsn := mustDB(t)
 	_, priv, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	pub := publicKey{key: priv.Public(), alg: "EdDSA", kid: fingerprint(priv.Public())}
-	logs := &bytes.Buffer{}
-	log := slog.New(slog.NewTextHandler(&lockedWriter{w: logs}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	h, err := newHub(context.Background(), dsn, log)
+	return newTestEnvOn(t, dsn, priv, opts...)
+}
+
+// newTestEnvOn builds an app over the database at dsn, verifying keys signed
+// by signer: a second replica over another env's database, or an app over a
+// PostgreSQL that a fault test stops and starts.
+func newTestEnvOn(t testing.TB, dsn string, signer crypto.Signer, opts ...envOption) *testEnv {
+	t.Helper()
+	db, err := sql.Open("postgres", dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
+	logs := &lockedBuffer{}
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	h, err := newHub(context.Background(), dsn, log)
+	if err != nil {
+		db.Close()
+		t.Fatal(err)
+	}
+	pub := publicKey{key: signer.Public(), alg: "EdDSA", kid: fingerprint(signer.Public())}
 	stopping, stop := context.WithCancel(context.Background())
 	st := &store{db: db}
 	a := &app{store: st, hub: h, log: log, stopping: stopping,
@@ -180,20 +194,27 @@ func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 		srv.CloseClientConnections()
 		srv.Close()
 		h.close()
+		db.Close()
 	})
-	return &testEnv{a: a, srv: srv, db: db, dsn: dsn, signer: priv, stop: stop, logs: logs}
+	return &testEnv{a: a, srv: srv, db: db, dsn: dsn, signer: signer, stop: stop, logs: logs}
 }
 
-// lockedWriter makes a buffer safe for concurrent log writes.
-type lockedWriter struct {
+// lockedBuffer is a log buffer safe for concurrent writes and reads.
+type lockedBuffer struct {
 	mu sync.Mutex
-	w  io.Writer
+	b  bytes.Buffer
 }
 
-func (l *lockedWriter) Write(p []byte) (int, error) {
+func (l *lockedBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.w.Write(p)
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // mustKey registers a key for email and returns it.

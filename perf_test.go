@@ -22,9 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -369,62 +367,6 @@ func BenchmarkPerfPgbench(b *testing.B) {
 }
 
 // ---- a second app over any database ----
-
-// perfNewEnv builds a whole app over dsn as newTestEnv does, with its own
-// pool and its own hub, trusting signer's key: a second replica over a test
-// database, or an app over a PostgreSQL a fault test stops and starts.
-func perfNewEnv(t testing.TB, dsn string, signer crypto.Signer, opts ...envOption) *testEnv {
-	t.Helper()
-	db, err := sql.Open("postgres", dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	logs := &bytes.Buffer{}
-	lw := &lockedWriter{w: logs}
-	perfLogWriters.Store(logs, lw)
-	t.Cleanup(func() { perfLogWriters.Delete(logs) })
-	log := slog.New(slog.NewTextHandler(lw, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	h, err := newHub(context.Background(), dsn, log)
-	if err != nil {
-		db.Close()
-		t.Fatal(err)
-	}
-	pub := publicKey{key: signer.Public(), alg: "EdDSA", kid: fingerprint(signer.Public())}
-	stopping, stop := context.WithCancel(context.Background())
-	st := &store{db: db}
-	a := &app{store: st, hub: h, log: log, stopping: stopping,
-		cfg:      config{questionTimeout: 24 * time.Hour, callLimit: 280 * time.Second},
-		verifier: &verifier{keys: []publicKey{pub}, store: st, log: log, now: time.Now}}
-	for _, o := range opts {
-		o(a)
-	}
-	a.mcp = newMCPServer(a)
-	srv := httptest.NewServer(a.routes())
-	t.Cleanup(func() {
-		stop()
-		srv.CloseClientConnections()
-		srv.Close()
-		h.close()
-		db.Close()
-	})
-	return &testEnv{a: a, srv: srv, db: db, dsn: dsn, signer: signer, stop: stop, logs: logs}
-}
-
-// perfLogWriters maps the log buffer of each perfNewEnv to the writer that
-// guards it, so perfLogs can read it while the app writes.
-var perfLogWriters sync.Map // *bytes.Buffer → *lockedWriter
-
-// perfLogs returns what an env made by perfNewEnv has logged so far.
-func perfLogs(e *testEnv) string {
-	v, ok := perfLogWriters.Load(e.logs)
-	if !ok {
-		return e.logs.String()
-	}
-	lw := v.(*lockedWriter)
-	lw.mu.Lock()
-	defer lw.mu.Unlock()
-	return e.logs.String()
-}
 
 // ---- the real binary as a subprocess ----
 

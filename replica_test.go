@@ -22,7 +22,7 @@ import (
 func replicaPair(t *testing.T) (a, b *testEnv) {
 	t.Helper()
 	a = newTestEnv(t)
-	b = perfNewEnv(t, a.dsn, a.signer)
+	b = newTestEnvOn(t, a.dsn, a.signer)
 	return a, b
 }
 
