@@ -1,0 +1,45 @@
+// check.mjs runs the official TypeScript MCP client against an agentline
+// server, over Streamable HTTP and over SSE: list the tools, log a step, ask
+// a question answered through REST while it waits, end the session.
+// Usage: node check.mjs BASE_URL AGENT_KEY   (exits non-zero on any failure)
+import assert from "node:assert/strict";
+import { Client } from "@modelcontextprotocol/sdk/client/index.js";
+import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
+import { SSEClientTransport } from "@modelcontextprotocol/sdk/client/sse.js";
+
+const [base, key] = process.argv.slice(2);
+const headers = { Authorization: `Bearer ${key}` };
+
+for (const kind of ["streamable", "sse"]) {
+  const client = new Client({ name: "agentline-ts-check", version: "1.0.0" });
+  const transport = kind === "streamable"
+    ? new StreamableHTTPClientTransport(new URL(base + "/mcp/"), { requestInit: { headers } })
+    : new SSEClientTransport(new URL(base + "/mcp/sse"), {
+        requestInit: { headers },
+        eventSourceInit: { fetch: (u, i) => fetch(u, { ...i, headers: { ...(i?.headers || {}), ...headers } }) },
+      });
+  await client.connect(transport);
+
+  const { tools } = await client.listTools();
+  assert.deepEqual(tools.map((t) => t.name).sort(), ["ask_question", "end_session", "log_step"]);
+
+  const step = await client.callTool({ name: "log_step", arguments: { step_description: `hello from the TypeScript client (${kind})` } });
+  assert.equal(step.isError ?? false, false, JSON.stringify(step));
+  const sid = step.structuredContent.agent_instance_id;
+  assert.equal(step.structuredContent.step_number, 1);
+
+  setTimeout(() => fetch(base + "/api/v1/messages/user", {
+    method: "POST",
+    headers: { ...headers, "Content-Type": "application/json" },
+    body: JSON.stringify({ agent_instance_id: sid, content: "yes, go ahead", mark_as_read: false }),
+  }), 300);
+  const ans = await client.callTool({ name: "ask_question", arguments: { agent_instance_id: sid, question_text: "Proceed?" } });
+  assert.equal(ans.isError ?? false, false, JSON.stringify(ans));
+  assert.equal(ans.structuredContent.status, "answered");
+  assert.equal(ans.structuredContent.answer, "yes, go ahead");
+
+  const end = await client.callTool({ name: "end_session", arguments: { agent_instance_id: sid } });
+  assert.equal(end.structuredContent.final_status, "COMPLETED");
+  console.log(`${kind}: ok`);
+  await client.close();
+}
