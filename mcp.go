@@ -368,7 +368,13 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 		}
 	}
 	if err != nil {
-		return nil, askQuestionOut{}, m.storeToolError(ctx, "ask_question", err)
+		terr := m.storeToolError(ctx, "ask_question", err)
+		if ctx.Err() != nil {
+			return nil, askQuestionOut{}, terr
+		}
+		// The question's feedback has moved the read pointer: hand it over
+		// with the error, or it is lost.
+		return nil, askQuestionOut{}, withFeedback(contents(q.Feedback), "%s", terr.Error())
 	}
 	out := askQuestionOut{QuestionID: q.ID, UserFeedback: contents(q.Feedback)}
 	if len(out.UserFeedback) == 0 {

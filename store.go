@@ -13,6 +13,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -300,7 +301,7 @@ func lockSession(ctx context.Context, tx *sql.Tx, userID, sessionID string) (rea
 func createSession(ctx context.Context, tx *sql.Tx, userID, sessionID, agentType string) error {
 	res, err := tx.ExecContext(ctx, `
 		WITH ua AS (
-			INSERT INTO user_agents (user_id, name) VALUES ($2, $3)
+			INSERT INTO user_agents (user_id, name) VALUES ($2, lower($3))
 			ON CONFLICT (user_id, name) DO UPDATE SET updated_at = user_agents.updated_at
 			RETURNING id
 		)
@@ -919,6 +920,7 @@ func isUnavailable(err error) bool {
 type hub struct {
 	listener *pq.Listener
 	log      *slog.Logger
+	pinging  atomic.Bool
 
 	mu     sync.Mutex
 	topics map[string]map[chan struct{}]struct{} // "s:"+session or "u:"+user
@@ -966,7 +968,14 @@ func (h *hub) run() {
 		case <-ping.C:
 			// A dead connection is noticed here at the latest; the listener
 			// then reconnects and the nil notification above wakes everyone.
-			go h.listener.Ping()
+			// One ping at a time: a ping hung on a dead connection must not
+			// pile up a goroutine every tick.
+			if h.pinging.CompareAndSwap(false, true) {
+				go func() {
+					defer h.pinging.Store(false)
+					h.listener.Ping()
+				}()
+			}
 		}
 	}
 }

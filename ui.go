@@ -130,7 +130,8 @@ func decodeCursor(v string) (*sessionCursor, error) {
 		return nil, bad
 	}
 	at, err := time.Parse(time.RFC3339Nano, ts)
-	if err != nil {
+	// Out of PostgreSQL's range once in UTC (year 0 or 10000): a 400, not a 500.
+	if err != nil || at.UTC().Year() < 1 || at.UTC().Year() > 9999 {
 		return nil, bad
 	}
 	id, ok := parseUUID(idText)
