@@ -39,6 +39,11 @@ CREATE TABLE IF NOT EXISTS agent_instances (
     -- pointer's seq, kept beside it so no lookup is needed (0 = nothing read).
     last_read_message_id uuid,
     last_read_seq        bigint NOT NULL DEFAULT 0,
+    -- The newest user message handed to the agent (as feedback, by pending,
+    -- request-input or as an answer). Unlike the read pointer it does not
+    -- move for mark_as_read: it is what keeps an answer from being handed
+    -- out twice.
+    delivered_seq        bigint NOT NULL DEFAULT 0,
     -- Agent messages so far, so log_step's step_number costs no scan.
     step_count           integer NOT NULL DEFAULT 0,
     -- The newest question whose answer an ask_question call has returned:
@@ -47,6 +52,8 @@ CREATE TABLE IF NOT EXISTS agent_instances (
     last_activity_at     timestamptz NOT NULL DEFAULT now(),
     git_diff             text
 );
+
+ALTER TABLE agent_instances ADD COLUMN IF NOT EXISTS delivered_seq bigint NOT NULL DEFAULT 0;
 
 CREATE INDEX IF NOT EXISTS agent_instances_user_activity
     ON agent_instances (user_id, last_activity_at DESC, id DESC);

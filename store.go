@@ -268,6 +268,7 @@ const (
 			UPDATE agent_instances AS a SET
 				last_read_message_id = ins.id,
 				last_read_seq = ins.seq,
+				delivered_seq = ins.seq,
 				step_count = a.step_count + (NOT $4)::int,
 				last_activity_at = GREATEST(a.last_activity_at, ins.created_at),
 				status = CASE WHEN a.status = 'COMPLETED' THEN a.status WHEN $4 THEN 'AWAITING_INPUT' ELSE 'ACTIVE' END,
@@ -482,11 +483,15 @@ func (s *store) pending(ctx context.Context, userID, sessionID, lastReadID strin
 	return msgs, stale, nil
 }
 
-// movePointer sets the session's read pointer to m.
+// movePointer records that m was handed to the agent: the read pointer
+// moves to it unless already past it, and delivered_seq covers it.
 func movePointer(ctx context.Context, tx *sql.Tx, userID, sessionID string, m message) error {
 	_, err := tx.ExecContext(ctx, `
-		UPDATE agent_instances SET last_read_message_id = $3, last_read_seq = $4
-		WHERE id = $1 AND user_id = $2 AND last_read_seq < $4`, sessionID, userID, m.ID, m.Seq)
+		UPDATE agent_instances SET
+			last_read_message_id = CASE WHEN last_read_seq < $4 THEN $3 ELSE last_read_message_id END,
+			last_read_seq = GREATEST(last_read_seq, $4),
+			delivered_seq = GREATEST(delivered_seq, $4)
+		WHERE id = $1 AND user_id = $2`, sessionID, userID, m.ID, m.Seq)
 	if err != nil {
 		return fmt.Errorf("move read pointer: %w", err)
 	}
@@ -843,6 +848,8 @@ func (s *store) answer(ctx context.Context, userID, sessionID string, q question
 		rows, err := tx.QueryContext(ctx, `
 			(SELECT id, seq, sender_type, content, created_at FROM messages
 			 WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'USER' AND seq > $3
+			   -- never a message already handed to the agent another way
+			   AND seq > (SELECT delivered_seq FROM agent_instances WHERE id = $1 AND user_id = $2)
 			 ORDER BY seq LIMIT 1)
 			UNION ALL
 			(SELECT id, seq, sender_type, content, created_at FROM messages

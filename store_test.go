@@ -1043,6 +1043,37 @@ func TestStoreQuestions(t *testing.T) {
 		storeWantContents(t, "feedback after the answer", r.Feedback, "and more")
 	})
 
+	// An answer a pending poll already took is not handed out again as
+	// the question's answer: each user message reaches exactly one caller.
+	t.Run("answer taken by pending is not delivered twice", func(t *testing.T) {
+		sid := f.newSession(u)
+		q := f.ask(u, sid, "which one?")
+		f.userMsg(u, sid, "taken by a poller", false)
+		msgs, stale, err := f.s.pending(f.ctx, u, sid, "")
+		if err != nil || stale {
+			t.Fatal(err, stale)
+		}
+		storeWantContents(t, "pending", msgs, "taken by a poller")
+		if st, ans := f.answer(u, sid, q); st != questionOpen {
+			t.Fatalf("state = %v answer = %q, want still open", st, ans.Content)
+		}
+		f.userMsg(u, sid, "for the question", false)
+		if st, ans := f.answer(u, sid, q); st != questionAnswered || ans.Content != "for the question" {
+			t.Fatalf("state = %v answer = %q, want answered by the next message", st, ans.Content)
+		}
+	})
+
+	// mark_as_read moves the read pointer but hands nothing to the agent:
+	// such a message still answers a waiting question.
+	t.Run("answer marked as read still answers", func(t *testing.T) {
+		sid := f.newSession(u)
+		q := f.ask(u, sid, "which one?")
+		f.userMsg(u, sid, "marked read", true)
+		if st, ans := f.answer(u, sid, q); st != questionAnswered || ans.Content != "marked read" {
+			t.Fatalf("state = %v answer = %q, want answered", st, ans.Content)
+		}
+	})
+
 	t.Run("superseded", func(t *testing.T) {
 		sid := f.newSession(u)
 		q := f.ask(u, sid, "which one?")
