@@ -166,6 +166,20 @@ func requireText(field string, v *string) (string, error) {
 	return *v, nil
 }
 
+// queryInt parses the query parameter name: def when absent, else a whole
+// number from lo to hi.
+func queryInt(r *http.Request, name string, def, lo, hi int64) (int64, error) {
+	v := r.URL.Query().Get(name)
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n < lo || n > hi {
+		return 0, badRequestf("%s must be a whole number from %d to %d", name, lo, hi)
+	}
+	return n, nil
+}
+
 // messageJSON is Omnara's Message: exactly these five keys, since the SDK
 // builds it with Message(**msg) and fails on any other.
 type messageJSON struct {
@@ -355,13 +369,10 @@ func (a *app) handlePending() http.HandlerFunc {
 				return
 			}
 		}
-		wait := 0
-		if v := q.Get("wait"); v != "" {
-			wait, err = strconv.Atoi(v)
-			if err != nil || wait < 0 || wait > maxPendingWait {
-				writeError(w, r, a.log, badRequestf("wait must be a whole number of seconds from 0 to %d", maxPendingWait))
-				return
-			}
+		wait, err := queryInt(r, "wait", 0, 0, maxPendingWait)
+		if err != nil {
+			writeError(w, r, a.log, err)
+			return
 		}
 		c, _ := callerFrom(r.Context())
 		var msgs []message

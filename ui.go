@@ -47,20 +47,6 @@ func cutChars(s string, n int) string {
 
 func timeJSON(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
-// queryInt parses the query parameter name: def when absent, else a whole
-// number from lo to hi.
-func queryInt(r *http.Request, name string, def, lo, hi int64) (int64, error) {
-	v := r.URL.Query().Get(name)
-	if v == "" {
-		return def, nil
-	}
-	n, err := strconv.ParseInt(v, 10, 64)
-	if err != nil || n < lo || n > hi {
-		return 0, badRequestf("%s must be a whole number from %d to %d", name, lo, hi)
-	}
-	return n, nil
-}
-
 // ---- GET /api/v1/sessions ----
 
 type questionJSON struct {
