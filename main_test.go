@@ -103,14 +103,27 @@ var dbCounter atomic.Int64
 // mustDB returns a fresh, migrated database of its own and its DSN.
 func mustDB(t testing.TB) (*sql.DB, string) {
 	t.Helper()
-	name := fmt.Sprintf("t_%d_%d", os.Getpid(), dbCounter.Add(1))
+	dsn := mustCreateDB(t, "t", templateDB)
+	db, err := sql.Open("postgres", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() }) // runs before mustCreateDB's drop
+	return db, dsn
+}
+
+// mustCreateDB creates a database named from prefix as a copy of template,
+// drops it when the test ends, and returns its DSN.
+func mustCreateDB(t testing.TB, prefix, template string) string {
+	t.Helper()
+	name := fmt.Sprintf("%s_%d_%d", prefix, os.Getpid(), dbCounter.Add(1))
 	admin, err := sql.Open("postgres", testAdminDSN)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer admin.Close()
 	for try := 0; ; try++ {
-		_, err = admin.Exec(`CREATE DATABASE ` + name + ` TEMPLATE ` + templateDB)
+		_, err = admin.Exec(`CREATE DATABASE ` + name + ` TEMPLATE ` + template)
 		var pqErr *pq.Error
 		// 55006: the template is briefly in use by a concurrent copy.
 		if err == nil || !errors.As(err, &pqErr) || pqErr.Code != "55006" || try > 50 {
@@ -121,20 +134,14 @@ func mustDB(t testing.TB) (*sql.DB, string) {
 	if err != nil {
 		t.Fatalf("create test database: %v", err)
 	}
-	dsn := dsnWithDB(testAdminDSN, name)
-	db, err := sql.Open("postgres", dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
 	t.Cleanup(func() {
-		db.Close()
 		admin, err := sql.Open("postgres", testAdminDSN)
 		if err == nil {
 			admin.Exec(`DROP DATABASE IF EXISTS ` + name + ` WITH (FORCE)`)
 			admin.Close()
 		}
 	})
-	return db, dsn
+	return dsnWithDB(testAdminDSN, name)
 }
 
 // testEnv is a whole agentline (store, hub, verifier, routes) on an

@@ -8,15 +8,12 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
-	"os"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/lib/pq"
 )
 
 // The store's behaviour rules (SPEC.md, Behaviour), checked against a real
@@ -1450,31 +1447,7 @@ func storeConcurrentMigrate(t *testing.T, dsn string, n int) {
 // storeBareDB creates an empty (unmigrated) database and returns its DSN.
 func storeBareDB(t *testing.T) string {
 	t.Helper()
-	name := fmt.Sprintf("store_bare_%d_%d", os.Getpid(), dbCounter.Add(1))
-	admin, err := sql.Open("postgres", testAdminDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close()
-	for try := 0; ; try++ {
-		_, err = admin.Exec(`CREATE DATABASE ` + name + ` TEMPLATE template0`)
-		var pqErr *pq.Error
-		if err == nil || !errors.As(err, &pqErr) || pqErr.Code != "55006" || try > 50 {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatalf("create bare database: %v", err)
-	}
-	t.Cleanup(func() {
-		admin, err := sql.Open("postgres", testAdminDSN)
-		if err == nil {
-			admin.Exec(`DROP DATABASE IF EXISTS ` + name + ` WITH (FORCE)`)
-			admin.Close()
-		}
-	})
-	return dsnWithDB(testAdminDSN, name)
+	return mustCreateDB(t, "store_bare", "template0")
 }
 
 // ---- users and API keys ----
