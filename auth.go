@@ -18,10 +18,13 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -243,9 +246,10 @@ func hashToken(token string) string {
 
 // caller is who a request comes from, as its verified key says.
 type caller struct {
-	UserID string
-	KeyID  string
-	Scope  string // "agent" or "person"
+	UserID  string
+	KeyID   string
+	Scope   string    // "agent" or "person"
+	Expires time.Time // when the key stops working; zero: never
 }
 
 // authError is a refused key; its message is safe to send to the client.
@@ -257,6 +261,9 @@ var (
 	errKeyInvalid = &authError{"invalid API key"}
 	errKeyExpired = &authError{"API key expired"}
 	errNoKey      = &authError{"missing API key: send Authorization: Bearer <key>"}
+	// errKeyRevoked ends a long-lived connection whose key was revoked,
+	// expired or lost its user while it was open.
+	errKeyRevoked = &authError{"key revoked"}
 )
 
 // verifier checks bearer tokens against the configured keys and api_keys.
@@ -265,6 +272,30 @@ type verifier struct {
 	store *store
 	log   *slog.Logger
 	now   func() time.Time
+
+	parserOnce sync.Once
+	parser     *jwt.Parser
+}
+
+// jwtParser is the token parser, built once from the configured keys.
+func (v *verifier) jwtParser() *jwt.Parser {
+	v.parserOnce.Do(func() {
+		var methods []string
+		for _, k := range v.keys {
+			methods = append(methods, k.alg)
+		}
+		v.parser = jwt.NewParser(
+			// Only the algorithms of the configured keys: this is what refuses
+			// "none", HS256 keyed with the public key's bytes, and every mismatch.
+			jwt.WithValidMethods(methods),
+			// One token, one spelling: no re-encoded variants of a signed key.
+			jwt.WithStrictDecoding(),
+			// exp and nbf are checked when present, with 1 s for clock skew.
+			jwt.WithLeeway(time.Second),
+			jwt.WithTimeFunc(func() time.Time { return v.now() }),
+		)
+	})
+	return v.parser
 }
 
 // verify returns the caller a token belongs to. Order: size; signature, by a
@@ -278,22 +309,8 @@ func (v *verifier) verify(ctx context.Context, token string) (caller, error) {
 		return caller{}, errKeyInvalid
 	}
 	now := v.now()
-	var methods []string
-	for _, k := range v.keys {
-		methods = append(methods, k.alg)
-	}
-	parser := jwt.NewParser(
-		// Only the algorithms of the configured keys: this is what refuses
-		// "none", HS256 keyed with the public key's bytes, and every mismatch.
-		jwt.WithValidMethods(methods),
-		// One token, one spelling: no re-encoded variants of a signed key.
-		jwt.WithStrictDecoding(),
-		// exp and nbf are checked when present, with 1 s for clock skew.
-		jwt.WithLeeway(time.Second),
-		jwt.WithTimeFunc(func() time.Time { return now }),
-	)
 	claims := jwt.MapClaims{}
-	_, err := parser.ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) {
+	_, err := v.jwtParser().ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) {
 		alg := t.Method.Alg()
 		// A kid is only ever compared with our fingerprints: it never names
 		// a file, a URL or a row. One that matches none (or is not a string)
@@ -323,13 +340,25 @@ func (v *verifier) verify(ctx context.Context, token string) (caller, error) {
 		return caller{}, errKeyInvalid
 	}
 	// sub is the user id; the key's row must name the same user below.
-	sub, _ := claims["sub"].(string)
+	sub, _ := claims.GetSubject()
 	userID, ok := parseUUID(sub)
 	if !ok {
 		return caller{}, errKeyInvalid
 	}
-	// A valid signature is not enough: the key must be registered and
-	// active, so `revoke` works and a leaked signing key cannot mint keys.
+	c, err := v.registered(ctx, token, userID, now)
+	if err != nil {
+		return caller{}, err
+	}
+	if exp, _ := claims.GetExpirationTime(); exp != nil && (c.Expires.IsZero() || exp.Time.Before(c.Expires)) {
+		c.Expires = exp.Time
+	}
+	return c, nil
+}
+
+// registered checks the second half of a key: a valid signature is not
+// enough, the key must be registered, active, unexpired and userID's, so
+// `revoke` works and a leaked signing key cannot mint keys.
+func (v *verifier) registered(ctx context.Context, token, userID string, now time.Time) (caller, error) {
 	k, err := v.store.apiKeyByHash(ctx, hashToken(token))
 	if errors.Is(err, errNotFound) {
 		return caller{}, errKeyInvalid
@@ -353,7 +382,7 @@ func (v *verifier) verify(ctx context.Context, token string) (caller, error) {
 			v.log.Warn("touch api key", "key_id", k.ID, "err", err)
 		}
 	}
-	return caller{UserID: userID, KeyID: k.ID, Scope: k.Scope}, nil
+	return caller{UserID: userID, KeyID: k.ID, Scope: k.Scope, Expires: k.ExpiresAt.Time}, nil
 }
 
 // ---- middleware ----
@@ -422,4 +451,98 @@ func requirePerson(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// ---- keys held open ----
+
+// keyWatch ends long-lived connections (event streams, long-polls, waiting
+// MCP calls, MCP streams) within one KEY_RECHECK of their key being revoked,
+// expiring or losing its user: a key check at connect is not enough for a
+// connection that lasts hours. Every interval, one indexed query checks every
+// key that a connection on this replica holds open.
+type keyWatch struct {
+	store *store
+	log   *slog.Logger
+
+	mu   sync.Mutex
+	held map[*keyHold]struct{}
+}
+
+type keyHold struct {
+	keyID   string
+	expires time.Time // zero: never
+	end     func()
+}
+
+func newKeyWatch(st *store, log *slog.Logger) *keyWatch {
+	return &keyWatch{store: st, log: log, held: map[*keyHold]struct{}{}}
+}
+
+// hold returns ctx that ends with cause errKeyRevoked once c's key goes bad
+// (after grace, so that a final answer can still be written), and the
+// release to call when the connection is done.
+func (w *keyWatch) hold(ctx context.Context, c caller, grace time.Duration) (context.Context, func()) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	h := &keyHold{keyID: c.KeyID, expires: c.Expires, end: func() {
+		time.AfterFunc(grace, func() { cancel(errKeyRevoked) })
+	}}
+	w.mu.Lock()
+	w.held[h] = struct{}{}
+	w.mu.Unlock()
+	return ctx, func() {
+		w.mu.Lock()
+		delete(w.held, h)
+		w.mu.Unlock()
+		cancel(nil)
+	}
+}
+
+// valid reports whether c's key is still good (true if the database cannot say).
+func (w *keyWatch) valid(ctx context.Context, c caller) bool {
+	ok, err := w.store.validKeys(ctx, []string{c.KeyID})
+	return err != nil || ok[c.KeyID]
+}
+
+// run re-checks the held keys every interval until ctx ends.
+func (w *keyWatch) run(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			w.check(ctx)
+		}
+	}
+}
+
+// check ends the holds whose key is no longer valid. A database that does not
+// answer ends nothing: connections are not cut for an outage.
+func (w *keyWatch) check(ctx context.Context) {
+	w.mu.Lock()
+	checked := map[string]bool{}
+	for h := range w.held {
+		checked[h.keyID] = true
+	}
+	w.mu.Unlock()
+	if len(checked) == 0 {
+		return
+	}
+	valid, err := w.store.validKeys(ctx, slices.Collect(maps.Keys(checked)))
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("key re-check failed", "err", err)
+		}
+		return
+	}
+	now := time.Now()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for h := range w.held {
+		if checked[h.keyID] && !valid[h.keyID] || !h.expires.IsZero() && now.After(h.expires) {
+			delete(w.held, h)
+			h.end()
+		}
+	}
 }

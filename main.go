@@ -41,6 +41,7 @@ type config struct {
 	privateKey      string
 	questionTimeout time.Duration
 	callLimit       time.Duration // 0: an ask_question call waits up to questionTimeout
+	keyRecheck      time.Duration // how often a long-lived connection's key is checked again
 }
 
 // loadConfig reads and checks the environment; a value that does not parse
@@ -74,6 +75,13 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if c.callLimit < 0 {
 		return c, errors.New("ASK_QUESTION_CALL_LIMIT must not be negative")
+	}
+	if c.keyRecheck, err = durationEnv(getenv, "KEY_RECHECK", time.Minute); err != nil {
+		return c, err
+	}
+	if c.keyRecheck <= 0 || c.keyRecheck > time.Minute {
+		// A revoked key must not keep a connection open for longer.
+		return c, errors.New("KEY_RECHECK must be positive and at most 1m")
 	}
 	return c, nil
 }
@@ -122,14 +130,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case "serve":
 		return serve(ctx, cfg, log, stdout, stderr)
 	case "migrate":
-		db, _, closeDB, err := openDatabase(ctx, cfg, stderr)
+		_, _, closeDB, err := openStore(ctx, cfg, stderr)
 		if err != nil {
 			return err
 		}
-		defer closeDB()
-		if err := migrate(ctx, db); err != nil {
-			return err
-		}
+		closeDB()
 		fmt.Fprintln(stderr, "schema applied")
 		return nil
 	case "token":
@@ -183,15 +188,11 @@ func runToken(ctx context.Context, cfg config, args []string, stdout, stderr io.
 	if err != nil {
 		return err
 	}
-	db, _, closeDB, err := openDatabase(ctx, cfg, stderr)
+	st, _, closeDB, err := openStore(ctx, cfg, stderr)
 	if err != nil {
 		return err
 	}
 	defer closeDB()
-	if err := migrate(ctx, db); err != nil {
-		return err
-	}
-	st := &store{db: db}
 	tok, err := issueKey(ctx, st, signer, *email, *name, *scope, *ttl)
 	if err != nil {
 		return err
@@ -240,15 +241,12 @@ func runRevoke(ctx context.Context, cfg config, args []string, stderr io.Writer)
 	if _, isID := parseUUID(target); !isID {
 		target = hashToken(target) // a whole key: find it by its hash
 	}
-	db, _, closeDB, err := openDatabase(ctx, cfg, stderr)
+	st, _, closeDB, err := openStore(ctx, cfg, stderr)
 	if err != nil {
 		return err
 	}
 	defer closeDB()
-	if err := migrate(ctx, db); err != nil {
-		return err
-	}
-	if err := (&store{db: db}).revokeAPIKey(ctx, target); err != nil {
+	if err := st.revokeAPIKey(ctx, target); err != nil {
 		if errors.Is(err, errNotFound) {
 			return errors.New("revoke: no such key")
 		}
@@ -258,10 +256,11 @@ func runRevoke(ctx context.Context, cfg config, args []string, stderr io.Writer)
 	return nil
 }
 
-// openDatabase connects to DATABASE_URL, or starts (or reuses) the embedded
-// PostgreSQL in the data folder. It returns the DSN for the hub's listener and
-// a function that closes the pool and stops a PostgreSQL it started.
-func openDatabase(ctx context.Context, cfg config, logw io.Writer) (*sql.DB, string, func(), error) {
+// openStore connects to DATABASE_URL, or starts (or reuses) the embedded
+// PostgreSQL in the data folder, and applies the schema. It returns the DSN
+// for the hub's listener and a function that closes the pool and stops a
+// PostgreSQL it started.
+func openStore(ctx context.Context, cfg config, logw io.Writer) (*store, string, func(), error) {
 	dsn := cfg.databaseURL
 	var pg *localPG
 	if dsn == "" {
@@ -289,14 +288,19 @@ func openDatabase(ctx context.Context, cfg config, logw io.Writer) (*sql.DB, str
 	db.SetMaxOpenConns(40)
 	db.SetMaxIdleConns(40)
 	db.SetConnMaxIdleTime(5 * time.Minute)
-	return db, dsn, func() {
+	closeDB := func() {
 		db.Close()
 		if pg != nil {
 			if err := pg.stop(); err != nil {
 				fmt.Fprintln(logw, "stopping PostgreSQL:", err)
 			}
 		}
-	}, nil
+	}
+	if err := migrate(ctx, db); err != nil {
+		closeDB()
+		return nil, "", nil, err
+	}
+	return &store{db: db}, dsn, closeDB, nil
 }
 
 // createDatabase creates database name unless it exists.
@@ -321,6 +325,7 @@ func createDatabase(ctx context.Context, adminDSN, name string) error {
 type app struct {
 	store    *store
 	hub      *hub
+	keys     *keyWatch
 	verifier *verifier
 	log      *slog.Logger
 	cfg      config
@@ -332,6 +337,22 @@ type app struct {
 	// eventsKeepalive overrides how often the event stream sends a comment
 	// line (tests shorten it); zero means the default.
 	eventsKeepalive time.Duration
+}
+
+// newApp builds the service over st and h (opts adjust it first: tests) and
+// starts its background work; stop begins its shutdown (waits end, streams
+// close, background work stops).
+func newApp(st *store, h *hub, keys []publicKey, cfg config, log *slog.Logger, opts ...func(*app)) (a *app, stop func()) {
+	stopping, stop := context.WithCancel(context.Background())
+	a = &app{store: st, hub: h, log: log, cfg: cfg, stopping: stopping,
+		keys:     newKeyWatch(st, log),
+		verifier: &verifier{keys: keys, store: st, log: log, now: time.Now}}
+	for _, o := range opts {
+		o(a)
+	}
+	a.mcp = newMCPServer(a)
+	go a.keys.run(stopping, a.cfg.keyRecheck)
+	return a, stop
 }
 
 // routes is the whole HTTP surface of agentline.
@@ -394,26 +415,19 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, stdout, stderr io.
 	}
 	defer ln.Close()
 
-	db, dsn, closeDB, err := openDatabase(ctx, cfg, stderr)
+	st, dsn, closeDB, err := openStore(ctx, cfg, stderr)
 	if err != nil {
 		return err
 	}
 	defer closeDB()
-	if err := migrate(ctx, db); err != nil {
-		return err
-	}
-	st := &store{db: db}
 	h, err := newHub(ctx, dsn, log)
 	if err != nil {
 		return err
 	}
 	defer h.close()
 
-	stopping, beginStop := context.WithCancel(context.Background())
+	a, beginStop := newApp(st, h, keys, cfg, log)
 	defer beginStop()
-	a := &app{store: st, hub: h, log: log, cfg: cfg, stopping: stopping,
-		verifier: &verifier{keys: keys, store: st, log: log, now: time.Now}}
-	a.mcp = newMCPServer(a)
 	srv := newHTTPServer(a.routes(), log)
 	port := ln.Addr().(*net.TCPAddr).Port
 	if firstRun {

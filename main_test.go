@@ -152,11 +152,11 @@ type testEnv struct {
 	db     *sql.DB
 	dsn    string
 	signer crypto.Signer
-	stop   context.CancelFunc
+	stop   func()
 	logs   *lockedBuffer // what the app logged; safe to read while it writes
 }
 
-type envOption func(*app)
+type envOption = func(*app)
 
 // newTestEnv builds an app over a fresh database with a fresh Ed25519 key.
 func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
@@ -186,15 +186,8 @@ func newTestEnvOn(t testing.TB, dsn string, signer crypto.Signer, opts ...envOpt
 		t.Fatal(err)
 	}
 	pub := publicKey{key: signer.Public(), alg: "EdDSA", kid: fingerprint(signer.Public())}
-	stopping, stop := context.WithCancel(context.Background())
-	st := &store{db: db}
-	a := &app{store: st, hub: h, log: log, stopping: stopping,
-		cfg:      config{questionTimeout: 24 * time.Hour, callLimit: 280 * time.Second},
-		verifier: &verifier{keys: []publicKey{pub}, store: st, log: log, now: time.Now}}
-	for _, o := range opts {
-		o(a)
-	}
-	a.mcp = newMCPServer(a)
+	cfg := config{questionTimeout: 24 * time.Hour, callLimit: 280 * time.Second, keyRecheck: time.Minute}
+	a, stop := newApp(&store{db: db}, h, []publicKey{pub}, cfg, log, opts...)
 	srv := httptest.NewServer(a.routes())
 	t.Cleanup(func() {
 		stop()

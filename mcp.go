@@ -61,7 +61,7 @@ func newMCPServer(a *app) *mcpServer {
 
 // mcpCaller is who a tool call acts for, and the request that carries it.
 type mcpCaller struct {
-	userID    string
+	caller
 	agentType string
 	// carrier ends when the HTTP request carrying the call (a stateless
 	// POST, or an SSE stream) does. The SDK does not cancel a running
@@ -78,14 +78,16 @@ func callerOf(r *http.Request) (mcpCaller, bool) {
 	if !ok {
 		return mcpCaller{}, false
 	}
-	return mcpCaller{userID: c.UserID, agentType: agentTypeOf(r), carrier: r.Context()}, true
+	return mcpCaller{caller: c, agentType: agentTypeOf(r), carrier: r.Context()}, true
 }
 
 // serveStreamable hands a Streamable HTTP request to the SDK with its
 // caller in the context, where the shared server's tools find it.
 func (m *mcpServer) serveStreamable(w http.ResponseWriter, r *http.Request) {
+	r, done := m.holdRequest(r)
+	defer done()
 	who, ok := callerOf(r)
-	if !ok { // unreachable behind requireKey
+	if !ok {
 		writeUnauthorized(w, errNoKey)
 		return
 	}
@@ -93,11 +95,12 @@ func (m *mcpServer) serveStreamable(w http.ResponseWriter, r *http.Request) {
 }
 
 // serveSSE routes an SSE request to the caller's own SSEHandler, so a session
-// id learnt by another user leads nowhere (404), and ends the stream when the
-// server shuts down.
+// id learnt by another user leads nowhere (404).
 func (m *mcpServer) serveSSE(w http.ResponseWriter, r *http.Request) {
+	r, done := m.holdRequest(r)
+	defer done()
 	c, ok := callerFrom(r.Context())
-	if !ok { // unreachable behind requireKey
+	if !ok {
 		writeUnauthorized(w, errNoKey)
 		return
 	}
@@ -109,17 +112,22 @@ func (m *mcpServer) serveSSE(w http.ResponseWriter, r *http.Request) {
 		m.sseHandlers[c.UserID] = h
 	}
 	m.mu.Unlock()
-	if r.Method == http.MethodGet {
-		ctx, cancel := context.WithCancel(r.Context())
-		defer cancel()
-		// On shutdown the waits on this stream end at once with a tool
-		// error; the stream stays open a moment longer so those errors
-		// reach the client before it closes.
-		stop := context.AfterFunc(m.a.stopping, func() { time.AfterFunc(sseCloseGrace, cancel) })
-		defer stop()
-		r = r.WithContext(ctx)
-	}
 	h.ServeHTTP(w, r)
+}
+
+// holdRequest ends a long-lived MCP request (an SSE stream, a
+// subscriptions/listen stream) when the server shuts down or its key is
+// revoked. Waits on it end first, with a tool error; the request itself ends
+// sseCloseGrace later, so those errors reach the client before it closes.
+func (m *mcpServer) holdRequest(r *http.Request) (*http.Request, func()) {
+	c, ok := callerFrom(r.Context())
+	if !ok || r.Method == http.MethodPost && r.Header.Get("Mcp-Method") != "subscriptions/listen" {
+		return r, func() {}
+	}
+	ctx, release := m.a.keys.hold(r.Context(), c, sseCloseGrace)
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(m.a.stopping, func() { time.AfterFunc(sseCloseGrace, cancel) })
+	return r.WithContext(ctx), func() { stop(); cancel(); release() }
 }
 
 // sseCloseGrace is how long an SSE stream outlives the start of shutdown.
@@ -176,7 +184,7 @@ type mcpTool[In, Out any] func(ctx context.Context, who mcpCaller, req *mcp.Call
 func boundTool[In, Out any](bind func(context.Context) (mcpCaller, bool), h mcpTool[In, Out]) mcp.ToolHandlerFor[In, Out] {
 	return func(ctx context.Context, req *mcp.CallToolRequest, in In) (*mcp.CallToolResult, Out, error) {
 		who, ok := bind(ctx)
-		if !ok || who.userID == "" || who.carrier == nil {
+		if !ok || who.UserID == "" || who.carrier == nil {
 			// Fail closed: a call that cannot say whose it is does nothing.
 			var zero Out
 			return nil, zero, errors.New("unauthenticated call: send Authorization: Bearer <key>")
@@ -214,29 +222,29 @@ func agentTypeOf(r *http.Request) string {
 	return "unknown"
 }
 
-// toolError is a failed call, reported to the agent as isError with msg.
-func toolError(format string, args ...any) error {
-	return fmt.Errorf(format, args...)
-}
-
 // storeToolError turns a store error into a message fit for an agent.
 func (m *mcpServer) storeToolError(ctx context.Context, tool string, err error) error {
+	var br *badRequest
 	switch {
+	case errors.As(err, &br):
+		return err
 	case errors.Is(err, errNotFound):
 		// Someone else's session is "not found" too: never say which.
-		return toolError("session not found: agent_instance_id is unknown or not yours")
+		return errors.New("session not found: agent_instance_id is unknown or not yours")
 	case errors.Is(err, errShuttingDown):
-		return toolError("the server is shutting down; call %s again in a moment", tool)
+		return fmt.Errorf("the server is shutting down; call %s again in a moment", tool)
+	case errors.Is(err, errKeyRevoked):
+		return errors.New("the API key of this call was revoked or expired: use a valid key")
 	case ctx.Err() != nil:
 		// The client cancelled or hung up (a query cut short then fails
 		// with the driver's own error): nobody reads this, nothing failed.
 		return ctx.Err()
 	case isUnavailable(err):
 		m.a.log.Warn("database unavailable", "tool", tool, "err", err)
-		return toolError("the database is unavailable; call %s again in a moment", tool)
+		return fmt.Errorf("the database is unavailable; call %s again in a moment", tool)
 	default:
 		m.a.log.Error("tool failed", "tool", tool, "err", err)
-		return toolError("internal error in %s", tool)
+		return fmt.Errorf("internal error in %s", tool)
 	}
 }
 
@@ -245,25 +253,7 @@ func optionalSession(v string) (string, error) {
 	if v == "" {
 		return newUUID(), nil
 	}
-	return requiredSession(v)
-}
-
-func requiredSession(v string) (string, error) {
-	if v == "" {
-		return "", toolError("agent_instance_id is required")
-	}
-	id, ok := parseUUID(v)
-	if !ok {
-		return "", toolError("agent_instance_id must be a UUID, got %q", truncate(v, 64))
-	}
-	return id, nil
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return strings.ToValidUTF8(s[:n], "") + "…"
+	return uuidField("agent_instance_id", v)
 }
 
 // ---- log_step ----
@@ -295,9 +285,9 @@ func (m *mcpServer) logStep(ctx context.Context, who mcpCaller, _ *mcp.CallToolR
 		return nil, logStepOut{}, err
 	}
 	if strings.TrimSpace(cleanText(in.StepDescription)) == "" {
-		return nil, logStepOut{}, toolError("step_description must not be empty")
+		return nil, logStepOut{}, errors.New("step_description must not be empty")
 	}
-	res, err := m.a.store.addAgentMessage(ctx, who.userID, agentMessage{SessionID: id, AgentType: who.agentType, Content: in.StepDescription})
+	res, err := m.a.store.addAgentMessage(ctx, who.UserID, agentMessage{SessionID: id, AgentType: who.agentType, Content: in.StepDescription})
 	if err != nil {
 		return nil, logStepOut{}, m.storeToolError(ctx, "log_step", err)
 	}
@@ -339,14 +329,15 @@ type askQuestionOut struct {
 }
 
 func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.CallToolRequest, in askQuestionIn) (*mcp.CallToolResult, askQuestionOut, error) {
-	id, err := requiredSession(in.AgentInstanceID)
+	id, err := uuidField("agent_instance_id", in.AgentInstanceID)
 	if err != nil {
 		return nil, askQuestionOut{}, err
 	}
 	if strings.TrimSpace(cleanText(in.QuestionText)) == "" {
-		return nil, askQuestionOut{}, toolError("question_text must not be empty")
+		return nil, askQuestionOut{}, errors.New("question_text must not be empty")
 	}
-	q, err := m.a.store.askQuestion(ctx, who.userID, id, in.QuestionText)
+	timeout := m.a.cfg.questionTimeout
+	q, err := m.a.store.askQuestion(ctx, who.UserID, id, in.QuestionText, timeout)
 	if err != nil {
 		return nil, askQuestionOut{}, m.storeToolError(ctx, "ask_question", err)
 	}
@@ -354,42 +345,39 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 		stopProgress := m.reportProgress(ctx, req, token)
 		defer stopProgress()
 	}
-	expired := q.Resumed && !m.questionLeft(q)
-	state, ans, done, err := m.awaitAnswer(ctx, who, id, q)
-	if err == nil && !done && expired {
-		// This call resumed a question that had already timed out (an
-		// earlier call said so) and found no late answer. Asking again is a
-		// new question: resuming it would only time out at once, for ever.
-		var res agentMessageResult
-		res, err = m.a.store.addAgentMessage(ctx, who.userID, agentMessage{SessionID: id, Content: in.QuestionText, RequiresUserInput: true})
-		if err == nil {
-			q = question{ID: res.Message.ID, Seq: res.Message.Seq, CreatedAt: res.Message.CreatedAt, Feedback: res.Feedback}
-			state, ans, done, err = m.awaitAnswer(ctx, who, id, q)
-		}
+	// Wait for the call's limit or what is left of the question's time,
+	// whichever is first; the key is re-checked while it waits.
+	limit := q.Left
+	if l := m.a.cfg.callLimit; l > 0 && l < limit {
+		limit = l
+	}
+	wctx, release := m.a.keys.hold(ctx, who.caller, 0)
+	defer release()
+	var o outcome
+	_, err = m.a.wait(wctx, "s:"+id, max(limit, time.Millisecond), func() (bool, error) {
+		var err error
+		o, err = m.a.store.questionOutcome(ctx, who.UserID, id, q, timeout, false)
+		return err != nil || o.State != questionOpen, err
+	}, 0, nil)
+	if err == nil && o.State == questionOpen {
+		// The call returns now: it hands over the feedback queued before the
+		// question, and says whether the question timed out meanwhile.
+		o, err = m.a.store.questionOutcome(ctx, who.UserID, id, q, timeout, true)
 	}
 	if err != nil {
-		terr := m.storeToolError(ctx, "ask_question", err)
-		if ctx.Err() != nil {
-			return nil, askQuestionOut{}, terr
-		}
-		// The question's feedback has moved the read pointer: hand it over
-		// with the error, or it is lost.
-		return nil, askQuestionOut{}, withFeedback(contents(q.Feedback), "%s", terr.Error())
+		return nil, askQuestionOut{}, m.storeToolError(wctx, "ask_question", err)
 	}
-	out := askQuestionOut{QuestionID: q.ID, UserFeedback: contents(q.Feedback)}
-	if len(out.UserFeedback) == 0 {
-		out.UserFeedback = nil
-	}
-	switch {
-	case done && state == questionAnswered:
-		out.Answer, out.Status = &ans.Content, "answered"
+	out := askQuestionOut{QuestionID: q.ID, UserFeedback: contents(o.Feedback)}
+	switch o.State {
+	case questionAnswered:
+		out.Answer, out.Status = &o.Answer.Content, "answered"
 		return nil, out, nil
-	case done && state == questionSuperseded:
-		return nil, askQuestionOut{}, withFeedback(out.UserFeedback, "question superseded: a newer message was logged in this session before anyone answered")
-	case done && state == questionEnded:
-		return nil, askQuestionOut{}, withFeedback(out.UserFeedback, "the session ended before the question was answered")
-	case !m.questionLeft(q):
-		return nil, askQuestionOut{}, withFeedback(out.UserFeedback, "question timed out: no answer within %s", m.a.cfg.questionTimeout)
+	case questionSuperseded:
+		return nil, askQuestionOut{}, errors.New("question superseded: a newer message was logged in this session before anyone answered")
+	case questionEnded:
+		return nil, askQuestionOut{}, errors.New("the session ended before the question was answered")
+	case questionExpired:
+		return nil, askQuestionOut{}, fmt.Errorf("question timed out: no answer within %s", timeout)
 	}
 	out.Status = "pending"
 	body, _ := json.Marshal(out)
@@ -398,40 +386,6 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 		&mcp.TextContent{Text: "No answer yet. The question is still open: call ask_question again with the same agent_instance_id and exactly the same question_text to keep waiting for the answer."},
 	}}
 	return res, out, nil
-}
-
-// questionLeft reports whether question q can still be answered
-// (QUESTION_TIMEOUT has not passed since it was asked).
-func (m *mcpServer) questionLeft(q question) bool {
-	return time.Until(q.CreatedAt.Add(m.a.cfg.questionTimeout)) > 0
-}
-
-// awaitAnswer waits, holding no database connection, until question q is
-// answered, superseded or ended (done), or until this call's limit or the
-// question's timeout passes, whichever is first (not done).
-func (m *mcpServer) awaitAnswer(ctx context.Context, who mcpCaller, id string, q question) (state questionState, ans message, done bool, err error) {
-	limit := time.Until(q.CreatedAt.Add(m.a.cfg.questionTimeout))
-	if l := m.a.cfg.callLimit; l > 0 && l < limit {
-		limit = l
-	}
-	done, err = m.a.wait(ctx, "s:"+id, max(limit, 0), func() (bool, error) {
-		var err error
-		state, ans, err = m.a.store.answer(ctx, who.userID, id, q)
-		return err != nil || state != questionOpen, err
-	})
-	return state, ans, done, err
-}
-
-// withFeedback is a tool error that still hands over the feedback the
-// question picked up when it was stored (it moved the read pointer past it, so
-// it would otherwise be lost with the error).
-func withFeedback(feedback []string, format string, args ...any) error {
-	msg := fmt.Sprintf(format, args...)
-	if len(feedback) > 0 {
-		fb, _ := json.Marshal(feedback)
-		msg += "\nMessages the person sent before the question (act on them): " + string(fb)
-	}
-	return errors.New(msg)
 }
 
 // reportProgress sends a progress notification every progressEvery until
@@ -487,11 +441,11 @@ type endSessionOut struct {
 }
 
 func (m *mcpServer) endSession(ctx context.Context, who mcpCaller, _ *mcp.CallToolRequest, in endSessionIn) (*mcp.CallToolResult, endSessionOut, error) {
-	id, err := requiredSession(in.AgentInstanceID)
+	id, err := uuidField("agent_instance_id", in.AgentInstanceID)
 	if err != nil {
 		return nil, endSessionOut{}, err
 	}
-	if err := m.a.store.endSession(ctx, who.userID, id); err != nil {
+	if err := m.a.store.endSession(ctx, who.UserID, id); err != nil {
 		return nil, endSessionOut{}, m.storeToolError(ctx, "end_session", err)
 	}
 	return nil, endSessionOut{Success: true, AgentInstanceID: id, FinalStatus: statusCompleted}, nil

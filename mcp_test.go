@@ -592,9 +592,11 @@ func TestMCPEndWhileAsking(t *testing.T) {
 			mcpTOut(t, mcpTCall(t, cs, "end_session", map[string]any{"agent_instance_id": sid}))
 			res := p.wait(t)
 			mcpTWantError(t, res, "session ended")
-			// Feedback the question had picked up is not lost with the error.
-			if !strings.Contains(mcpTText(res), "queued feedback") {
-				t.Errorf("error drops queued feedback: %s", mcpTText(res))
+			// Feedback queued before the question is not lost with the
+			// error: the next step gets it.
+			out := mcpTOut(t, mcpTCall(t, cs, "log_step", map[string]any{"agent_instance_id": sid, "step_description": "after the end"}))
+			if fb := mcpTFeedback(t, out); !slices.Equal(fb, []string{"queued feedback"}) {
+				t.Errorf("feedback after the error: %q", fb)
 			}
 			mcpTOut(t, mcpTCall(t, cs, "end_session", map[string]any{"agent_instance_id": sid}))
 			// Asking in an ended session ends at once with the same error.
@@ -749,7 +751,14 @@ func TestMCPCallLimit(t *testing.T) {
 			if out["status"] != "answered" || out["answer"] != "8080" || out["question_id"] != qid {
 				t.Fatalf("re-ask after the answer: %v", out)
 			}
-			// Answered now: the same text again is a new question.
+			// Asked again with no step in between (a client that lost the
+			// result): the same answer again, no new question.
+			out = mcpTOut(t, mcpTCall(t, cs, "ask_question", ask))
+			if out["status"] != "answered" || out["answer"] != "8080" || out["question_id"] != qid {
+				t.Fatalf("re-ask after the answer was returned: %v", out)
+			}
+			// After a step the same text is a new question.
+			mcpTOut(t, mcpTCall(t, cs, "log_step", map[string]any{"agent_instance_id": sid, "step_description": "set the port"}))
 			ask2 := map[string]any{"agent_instance_id": sid, "question_text": "Which port?"}
 			out = mcpTOut(t, mcpTCall(t, cs, "ask_question", ask2))
 			q2, _ := out["question_id"].(string)
@@ -1194,14 +1203,14 @@ func TestMCPBoundToolFailsClosed(t *testing.T) {
 	for name, bind := range map[string]func(context.Context) (mcpCaller, bool){
 		"no caller":  func(context.Context) (mcpCaller, bool) { return mcpCaller{}, false },
 		"no user":    func(context.Context) (mcpCaller, bool) { return mcpCaller{carrier: context.Background()}, true },
-		"no carrier": func(context.Context) (mcpCaller, bool) { return mcpCaller{userID: newUUID()}, true },
+		"no carrier": func(context.Context) (mcpCaller, bool) { return mcpCaller{caller: caller{UserID: newUUID()}}, true },
 	} {
 		if _, _, err := boundTool(bind, h)(context.Background(), nil, struct{}{}); err == nil || ran {
 			t.Errorf("%s: ran=%v err=%v", name, ran, err)
 		}
 	}
 	ok := func(context.Context) (mcpCaller, bool) {
-		return mcpCaller{userID: newUUID(), carrier: context.Background()}, true
+		return mcpCaller{caller: caller{UserID: newUUID()}, carrier: context.Background()}, true
 	}
 	if _, _, err := boundTool(ok, h)(context.Background(), nil, struct{}{}); err != nil || !ran {
 		t.Fatalf("with a caller: ran=%v err=%v", ran, err)
@@ -1302,4 +1311,30 @@ func TestMCPManyWaitersHoldNoConnections(t *testing.T) {
 		}
 	}
 	mcpTWaiters(t, e, 0)
+}
+
+// A wait ended by shutdown hands nothing over: the feedback queued before
+// the question is still there for the agent's next call.
+func TestMCPShutdownKeepsQueuedFeedback(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	key := e.mustKey(t, "a@example.com", scopeAgent)
+	cs := mcpTConnect(t, e, mcpTStreamable, key, mcpTDial{})
+	sid := mcpTNewSession(t, cs)
+	mcpTAnswer(t, e, key, sid, "use the staging db")
+	p := mcpTGo(context.Background(), cs, "ask_question", map[string]any{"agent_instance_id": sid, "question_text": "Which db?"}, nil)
+	mcpTWaiters(t, e, 1)
+	e.stop()
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("shutdown did not end the wait")
+	}
+	if p.err != nil {
+		t.Fatalf("protocol error: %v", p.err)
+	}
+	mcpTWantError(t, p.res, "shutting down")
+	if code, body := e.call(t, "GET", restPendingPath(sid, "", 0), key, nil); code != 200 || !strings.Contains(string(body), "use the staging db") {
+		t.Fatalf("queued feedback after the shutdown error: %d %s", code, body)
+	}
 }

@@ -161,7 +161,7 @@ func perfPgbenchScript(v perfPgbenchVariant) (string, error) {
 		{sqlLockSession, map[int]string{1: session, 2: user}, "\n\\gset\n"},
 		{sqlFeedbackAfter, map[int]string{1: session, 2: user, 3: ":last_read_seq"}, ";\n"},
 		{insert, map[int]string{1: session, 2: user, 3: "'pgbench step'", 4: "false",
-			5: "NULL", 6: "NULL", 7: "NULL", 8: "NULL"}, ";\n"},
+			5: "NULL", 6: "NULL", 7: "NULL", 8: "NULL", 9: "true", 10: "'" + notifyChannel + "'"}, ";\n"},
 	}
 	for _, s := range steps {
 		q, err := perfSubst(s.query, s.args)

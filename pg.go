@@ -407,6 +407,9 @@ func (p *localPG) initdb(ctx context.Context) error {
 		return fmt.Errorf("initdb: %w", err)
 	}
 	fmt.Fprintf(p.logw, "initialising PostgreSQL in %s\n", p.dataDir)
+	// trust is safe here because the server listens on no TCP port, only on
+	// a socket of mode 0700 in a folder of its own: the only ones who can
+	// connect are its own OS user and root, who could read the files anyway.
 	if err := p.run(ctx, "initdb", "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "-D", p.dataDir); err != nil {
 		return fmt.Errorf("initdb: %w", err)
 	}
@@ -591,7 +594,9 @@ func (p *localPG) start(ctx context.Context) error {
 		"-c", "listen_addresses=",
 		"-c", "port=" + strconv.Itoa(pgPort),
 		"-c", shellQuote("unix_socket_directories=" + `"` + strings.ReplaceAll(p.sockDir, `"`, `""`) + `"`),
-		"-c", "unix_socket_permissions=0777",
+		// Only the socket's owner (the server's user) may connect; root, which
+		// runs the server as the postgres user, passes any file mode.
+		"-c", "unix_socket_permissions=0700",
 		"-c", "max_connections=200",
 	}, " ")
 	if err := p.run(ctx, "pg_ctl", "start", "-w", "-t", "120", "-D", p.dataDir, "-l", p.logFile(), "-o", opts); err != nil {

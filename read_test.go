@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -757,5 +758,23 @@ func TestEventsClientGone(t *testing.T) {
 			t.Fatal("the stream's hub waiter outlived its client")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A `before` cursor with an extreme but well-formed time is a 200 or a 400,
+// never a 500.
+func TestReadSessionsCursorExtremes(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	key := e.mustKey(t, "p@example.com", scopePerson)
+	for _, ts := range []string{
+		"0000-01-01T00:00:00Z", "9999-12-31T23:59:59.999999999-23:59", "0000-01-01T00:00:00+23:59",
+		"2024-01-01T00:00:00.123456789Z",
+	} {
+		c := base64.RawURLEncoding.EncodeToString([]byte(ts + "_" + newUUID()))
+		code, body := e.call(t, "GET", "/api/v1/sessions?before="+c, key, nil)
+		if code != http.StatusOK && code != http.StatusBadRequest {
+			t.Errorf("before=%s: %d %s", ts, code, body)
+		}
 	}
 }

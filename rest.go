@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -35,9 +36,6 @@ func badRequestf(format string, args ...any) error {
 	return &badRequest{fmt.Sprintf(format, args...)}
 }
 
-// errShuttingDown ends waits when the server stops.
-var errShuttingDown = errors.New("server is shutting down")
-
 // writeJSON sends v with status code.
 func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Header().Set("Content-Type", "application/json")
@@ -52,6 +50,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
 	var br *badRequest
 	var mbe *http.MaxBytesError
+	var ae *authError
 	switch {
 	case errors.As(err, &br):
 		writeJSON(w, http.StatusBadRequest, errorBody{br.msg})
@@ -63,6 +62,8 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 		writeJSON(w, http.StatusNotFound, errorBody{"not found"})
 	case errors.Is(err, errConflict):
 		writeJSON(w, http.StatusConflict, errorBody{"the message already requires user input"})
+	case errors.As(err, &ae):
+		writeUnauthorized(w, ae)
 	case errors.Is(err, errShuttingDown):
 		writeJSON(w, http.StatusServiceUnavailable, errorBody{"server is shutting down; retry"})
 	case r.Context().Err() != nil:
@@ -144,16 +145,93 @@ func jsonKind(goKind string) string {
 	}
 }
 
-// requireUUID checks a required UUID field.
-func requireUUID(field string, v *string) (string, error) {
-	if v == nil || *v == "" {
+// parseUUID returns s in canonical lower-case 8-4-4-4-12 form, accepting the
+// canonical form and 32 bare hex digits; ok is false for anything else.
+func parseUUID(s string) (id string, ok bool) {
+	var hex string
+	switch len(s) {
+	case 36:
+		if s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
+			return "", false
+		}
+		hex = s[:8] + s[9:13] + s[14:18] + s[19:23] + s[24:]
+	case 32:
+		hex = s
+	default:
+		return "", false
+	}
+	for i := 0; i < len(hex); i++ {
+		c := hex[i]
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return "", false
+		}
+	}
+	hex = strings.ToLower(hex)
+	return hex[:8] + "-" + hex[8:12] + "-" + hex[12:16] + "-" + hex[16:20] + "-" + hex[20:], true
+}
+
+// newUUID returns a random (version 4) UUID.
+func newUUID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}
+
+// uuidField is the one UUID validator of REST and MCP: a required field
+// named field, in canonical form.
+func uuidField(field, v string) (string, error) {
+	if v == "" {
 		return "", badRequestf("field %q is required", field)
 	}
-	id, ok := parseUUID(*v)
+	id, ok := parseUUID(v)
 	if !ok {
 		return "", badRequestf("field %q must be a UUID", field)
 	}
 	return id, nil
+}
+
+// cutChars returns s cut to at most n characters (not bytes).
+func cutChars(s string, n int) string {
+	i := 0
+	for pos := range s {
+		if i == n {
+			return s[:pos]
+		}
+		i++
+	}
+	return s
+}
+
+// noBody is the input of a JSON handler that reads no request body.
+type noBody struct{}
+
+// handleJSON is the shape of every JSON handler: the verified caller (a
+// request without one is refused: 401, never a 500), the decoded body (unless
+// In is noBody), fn, and one exit that writes fn's answer with 200 or its
+// error with its status.
+func handleJSON[In any](a *app, fn func(r *http.Request, c caller, in In) (any, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		c, ok := callerFrom(r.Context())
+		if !ok {
+			writeUnauthorized(w, errNoKey)
+			return
+		}
+		var in In
+		if _, none := any(in).(noBody); !none {
+			if err := decodeJSON(w, r, &in); err != nil {
+				writeError(w, r, a.log, err)
+				return
+			}
+		}
+		out, err := fn(r, c, in)
+		if err != nil {
+			writeError(w, r, a.log, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, out)
+	}
 }
 
 // requireText checks a required, non-empty text field. Emptiness is judged
@@ -225,35 +303,27 @@ type agentMessageResponse struct {
 }
 
 func (a *app) handleAgentMessage() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		var req agentMessageRequest
-		if err := decodeJSON(w, r, &req); err != nil {
-			writeError(w, r, a.log, err)
-			return
-		}
+	return handleJSON(a, func(r *http.Request, c caller, req agentMessageRequest) (any, error) {
 		in, err := a.agentMessageInput(req)
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
-		c, _ := callerFrom(r.Context())
 		res, err := a.store.addAgentMessage(r.Context(), c.UserID, in)
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
-		writeJSON(w, http.StatusOK, agentMessageResponse{true, in.SessionID, res.Message.ID, toMessageJSON(res.Feedback)})
-	}
+		return agentMessageResponse{true, in.SessionID, res.Message.ID, toMessageJSON(res.Feedback)}, nil
+	})
 }
 
 // agentMessageInput validates a REST agent message.
 func (a *app) agentMessageInput(req agentMessageRequest) (agentMessage, error) {
 	var in agentMessage
 	var err error
-	if req.AgentInstanceID == nil || *req.AgentInstanceID == "" {
-		in.SessionID = newUUID()
-	} else if in.SessionID, err = requireUUID("agent_instance_id", req.AgentInstanceID); err != nil {
-		return in, err
+	if in.SessionID = newUUID(); req.AgentInstanceID != nil && *req.AgentInstanceID != "" {
+		if in.SessionID, err = uuidField("agent_instance_id", *req.AgentInstanceID); err != nil {
+			return in, err
+		}
 	}
 	if in.Content, err = requireText("content", req.Content); err != nil {
 		return in, err
@@ -307,39 +377,40 @@ type userMessageResponse struct {
 }
 
 func (a *app) handleUserMessage() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		var req userMessageRequest
-		if err := decodeJSON(w, r, &req); err != nil {
-			writeError(w, r, a.log, err)
-			return
-		}
-		id, err := requireUUID("agent_instance_id", req.AgentInstanceID)
+	return handleJSON(a, func(r *http.Request, c caller, req userMessageRequest) (any, error) {
+		id, err := uuidField("agent_instance_id", deref(req.AgentInstanceID))
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
 		content, err := requireText("content", req.Content)
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
 		markAsRead := req.MarkAsRead == nil || *req.MarkAsRead
-		c, _ := callerFrom(r.Context())
 		m, err := a.store.addUserMessage(r.Context(), c.UserID, id, content, markAsRead)
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
-		writeJSON(w, http.StatusOK, userMessageResponse{true, m.ID, markAsRead})
+		return userMessageResponse{true, m.ID, markAsRead}, nil
+	})
+}
+
+func deref(v *string) string {
+	if v == nil {
+		return ""
 	}
+	return *v
 }
 
 // ---- GET /api/v1/messages/pending ----
 
+// pendingResponse is Omnara's, plus session_status (an addition the Omnara
+// SDK ignores): a poller learns at once that the person ended the session.
 type pendingResponse struct {
 	AgentInstanceID string        `json:"agent_instance_id"`
 	Messages        []messageJSON `json:"messages"`
 	Status          string        `json:"status"`
+	SessionStatus   string        `json:"session_status"`
 }
 
 func pendingStatus(stale bool) string {
@@ -353,58 +424,44 @@ func pendingStatus(stale bool) string {
 const maxPendingWait = 60
 
 func (a *app) handlePending() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+	return handleJSON(a, func(r *http.Request, c caller, _ noBody) (any, error) {
 		q := r.URL.Query()
-		rawID := q.Get("agent_instance_id")
-		id, err := requireUUID("agent_instance_id", &rawID)
+		id, err := uuidField("agent_instance_id", q.Get("agent_instance_id"))
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
 		var lastRead string
 		if v := q.Get("last_read_message_id"); v != "" {
-			var ok bool
-			if lastRead, ok = parseUUID(v); !ok {
-				writeError(w, r, a.log, badRequestf("field %q must be a UUID", "last_read_message_id"))
-				return
+			if lastRead, err = uuidField("last_read_message_id", v); err != nil {
+				return nil, err
 			}
 		}
 		wait, err := queryInt(r, "wait", 0, 0, maxPendingWait)
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
-		c, _ := callerFrom(r.Context())
 		var msgs []message
 		var stale bool
+		var status string
 		check := func() (bool, error) {
-			msgs, stale, err = a.store.pending(r.Context(), c.UserID, id, lastRead)
-			return err != nil || stale || len(msgs) > 0, err
+			msgs, stale, status, err = a.store.pending(r.Context(), c.UserID, id, lastRead)
+			return err != nil || stale || len(msgs) > 0 || status == statusCompleted, err
 		}
 		if wait == 0 {
 			_, err = check()
 		} else {
-			_, err = a.wait(r.Context(), "s:"+id, time.Duration(wait)*time.Second, check)
+			ctx, release := a.keys.hold(r.Context(), c, 0)
+			defer release()
+			_, err = a.wait(ctx, "s:"+id, time.Duration(wait)*time.Second, check, 0, nil)
+			if errors.Is(err, errNotFound) && !a.keys.valid(r.Context(), c) {
+				err = errKeyRevoked // the session went with its user
+			}
 		}
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
-		writeJSON(w, http.StatusOK, pendingResponse{id, toMessageJSON(msgs), pendingStatus(stale)})
-	}
-}
-
-// wait is hub.wait that also ends when the server shuts down.
-func (a *app) wait(ctx context.Context, topic string, limit time.Duration, check func() (bool, error)) (bool, error) {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	stop := context.AfterFunc(a.stopping, func() { cancel(errShuttingDown) })
-	defer stop()
-	done, err := a.hub.wait(ctx, topic, limit, check)
-	if err != nil && context.Cause(ctx) == errShuttingDown {
-		return done, errShuttingDown
-	}
-	return done, err
+		return pendingResponse{id, toMessageJSON(msgs), pendingStatus(stale), status}, nil
+	})
 }
 
 // ---- PATCH /api/v1/messages/{message_id}/request-input ----
@@ -418,20 +475,17 @@ type requestInputResponse struct {
 }
 
 func (a *app) handleRequestInput() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		id, ok := parseUUID(r.PathValue("message_id"))
-		if !ok {
-			writeError(w, r, a.log, badRequestf("message_id must be a UUID"))
-			return
+	return handleJSON(a, func(r *http.Request, c caller, _ noBody) (any, error) {
+		id, err := uuidField("message_id", r.PathValue("message_id"))
+		if err != nil {
+			return nil, err
 		}
-		c, _ := callerFrom(r.Context())
 		sessionID, msgs, stale, err := a.store.requestInput(r.Context(), c.UserID, id)
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
-		writeJSON(w, http.StatusOK, requestInputResponse{true, id, sessionID, toMessageJSON(msgs), pendingStatus(stale)})
-	}
+		return requestInputResponse{true, id, sessionID, toMessageJSON(msgs), pendingStatus(stale)}, nil
+	})
 }
 
 // ---- POST /api/v1/sessions/end ----
@@ -447,24 +501,16 @@ type endSessionResponse struct {
 }
 
 func (a *app) handleEndSession() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		var req endSessionRequest
-		if err := decodeJSON(w, r, &req); err != nil {
-			writeError(w, r, a.log, err)
-			return
-		}
-		id, err := requireUUID("agent_instance_id", req.AgentInstanceID)
+	return handleJSON(a, func(r *http.Request, c caller, req endSessionRequest) (any, error) {
+		id, err := uuidField("agent_instance_id", deref(req.AgentInstanceID))
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
-		c, _ := callerFrom(r.Context())
 		if err := a.store.endSession(r.Context(), c.UserID, id); err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
-		writeJSON(w, http.StatusOK, endSessionResponse{true, id, statusCompleted})
-	}
+		return endSessionResponse{true, id, statusCompleted}, nil
+	})
 }
 
 // ---- GET /health ----

@@ -235,7 +235,7 @@ func TestRESTSuccessShapes(t *testing.T) {
 
 	// pending: nothing yet, then one message after the pointer.
 	m = restOK(t, e, "GET", restPendingPath(sid, step2, 0), key, nil)
-	restKeys(t, "pending", m, "agent_instance_id", "messages", "status")
+	restKeys(t, "pending", m, "agent_instance_id", "messages", "session_status", "status")
 	if m["agent_instance_id"] != sid || m["status"] != "ok" || len(restMessages(t, "messages", m["messages"])) != 0 {
 		t.Fatalf("pending: %v", m)
 	}
@@ -1305,10 +1305,8 @@ func TestRESTHealthDatabaseDown(t *testing.T) {
 	}
 	defer dead.Close()
 	for name, db := range map[string]*sql.DB{"closed pool": closed, "dead socket": dead} {
-		st := &store{db: db}
-		a := &app{store: st, hub: e.a.hub, log: log, stopping: context.Background(), cfg: e.a.cfg,
-			verifier: &verifier{keys: e.a.verifier.keys, store: st, log: log, now: time.Now}}
-		a.mcp = newMCPServer(a)
+		a, stop := newApp(&store{db: db}, e.a.hub, e.a.verifier.keys, e.a.cfg, log)
+		defer stop()
 		srv := httptest.NewServer(a.routes())
 		resp, err := http.Get(srv.URL + "/health")
 		if err != nil {

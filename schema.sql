@@ -46,14 +46,29 @@ CREATE TABLE IF NOT EXISTS agent_instances (
     delivered_seq        bigint NOT NULL DEFAULT 0,
     -- Agent messages so far, so log_step's step_number costs no scan.
     step_count           integer NOT NULL DEFAULT 0,
-    -- The newest question whose answer an ask_question call has returned:
-    -- asking the same text again after that is a new question, not a resume.
+    -- The newest question whose answer an ask_question call has returned
+    -- (kept for replicas of the first releases during a rolling upgrade).
     answered_question_seq bigint NOT NULL DEFAULT 0,
+    -- The seq of that answer: asking the same question again, with no agent
+    -- message since, returns it again, so a client that vanished just after
+    -- the answer was taken still gets it.
+    answer_seq           bigint NOT NULL DEFAULT 0,
     last_activity_at     timestamptz NOT NULL DEFAULT now(),
     git_diff             text
 );
 
-ALTER TABLE agent_instances ADD COLUMN IF NOT EXISTS delivered_seq bigint NOT NULL DEFAULT 0;
+-- Columns added after the first release. delivered_seq starts at the read
+-- pointer: the first release handed out (or marked read) everything up to
+-- it, and 0 would let a question's answer be handed out a second time.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'agent_instances'
+                     AND column_name = 'delivered_seq') THEN
+        ALTER TABLE agent_instances ADD COLUMN delivered_seq bigint NOT NULL DEFAULT 0;
+        UPDATE agent_instances SET delivered_seq = last_read_seq;
+    END IF;
+END $$;
+ALTER TABLE agent_instances ADD COLUMN IF NOT EXISTS answer_seq bigint NOT NULL DEFAULT 0;
 
 CREATE INDEX IF NOT EXISTS agent_instances_user_activity
     ON agent_instances (user_id, last_activity_at DESC, id DESC);

@@ -2,18 +2,14 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"database/sql"
 	"database/sql/driver"
 	_ "embed"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -36,11 +32,6 @@ var (
 	// errNeedAgentType: a new session was named without an agent type.
 	errNeedAgentType = errors.New("agent_type is required to create a session")
 )
-
-// notifyChannel is the one LISTEN/NOTIFY channel of agentline. A payload is
-// "KIND USER SESSION SEQ": ids only, never text (payloads are capped at 8000
-// bytes, and text does not belong in a broadcast).
-const notifyChannel = "agentline"
 
 // Session statuses and sender types, as stored.
 const (
@@ -66,29 +57,61 @@ type message struct {
 	CreatedAt         time.Time
 }
 
+// messageColumns are the columns scanMessage reads, in its order.
+const messageColumns = `id, seq, agent_instance_id, sender_type, content, requires_user_input, created_at`
+
+func scanMessage(m *message) []any {
+	return []any{&m.ID, &m.Seq, &m.SessionID, &m.SenderType, &m.Content, &m.RequiresUserInput, &m.CreatedAt}
+}
+
+// querier is a *sql.DB or a *sql.Tx.
+type querier interface {
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
+// queryAll runs query and returns every row, each scanned into the fields
+// that fields names.
+func queryAll[T any](ctx context.Context, q querier, fields func(*T) []any, query string, args ...any) ([]T, error) {
+	rows, err := q.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []T
+	for rows.Next() {
+		var v T
+		if err := rows.Scan(fields(&v)...); err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
 // migrate applies schema.sql under an advisory lock, so two processes starting
-// at once do not race on CREATE … IF NOT EXISTS.
+// at once do not race on CREATE … IF NOT EXISTS. The lock is transaction-level,
+// so it also works through a transaction pooler.
 func migrate(ctx context.Context, db *sql.DB) error {
-	tx, err := db.BeginTx(ctx, nil)
+	err := (&store{db: db}).inTx(ctx, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(7260151201)`); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, schemaSQL)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("migrate: %w", err)
-	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(7260151201)`); err != nil {
-		return fmt.Errorf("migrate: lock: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("migrate: commit: %w", err)
 	}
 	return nil
 }
 
 // inTx runs fn in a transaction and commits it if fn returns nil.
 func (s *store) inTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	return s.inTxWith(ctx, nil, fn)
+}
+
+func (s *store) inTxWith(ctx context.Context, opts *sql.TxOptions, fn func(tx *sql.Tx) error) error {
+	tx, err := s.db.BeginTx(ctx, opts)
 	if err != nil {
 		return err
 	}
@@ -113,40 +136,6 @@ func cleanText(s string) string {
 		s = strings.ReplaceAll(s, "\x00", "")
 	}
 	return s
-}
-
-// parseUUID returns s in canonical lower-case 8-4-4-4-12 form, accepting the
-// canonical form and 32 bare hex digits; ok is false for anything else.
-func parseUUID(s string) (id string, ok bool) {
-	var hex string
-	switch len(s) {
-	case 36:
-		if s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
-			return "", false
-		}
-		hex = s[:8] + s[9:13] + s[14:18] + s[19:23] + s[24:]
-	case 32:
-		hex = s
-	default:
-		return "", false
-	}
-	for i := 0; i < len(hex); i++ {
-		c := hex[i]
-		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
-			return "", false
-		}
-	}
-	hex = strings.ToLower(hex)
-	return hex[:8] + "-" + hex[8:12] + "-" + hex[12:16] + "-" + hex[16:20] + "-" + hex[20:], true
-}
-
-// newUUID returns a random (version 4) UUID.
-func newUUID() string {
-	var b [16]byte
-	rand.Read(b[:])
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
 }
 
 // ---- users and API keys ----
@@ -208,6 +197,23 @@ func (s *store) apiKeyByHash(ctx context.Context, tokenHash string) (apiKey, err
 	return k, nil
 }
 
+// validKeys returns which of the key ids are still good: registered, active,
+// unexpired by the database's clock, their user still there (deleting a
+// user deletes its keys). One indexed query for every key held open.
+func (s *store) validKeys(ctx context.Context, ids []string) (map[string]bool, error) {
+	valid, err := queryAll(ctx, s.db, func(id *string) []any { return []any{id} }, `
+		SELECT id FROM api_keys
+		WHERE id = ANY($1::uuid[]) AND is_active AND (expires_at IS NULL OR expires_at > now())`, pq.Array(ids))
+	if err != nil {
+		return nil, fmt.Errorf("valid keys: %w", err)
+	}
+	out := make(map[string]bool, len(valid))
+	for _, id := range valid {
+		out[id] = true
+	}
+	return out, nil
+}
+
 // touchAPIKey sets last_used_at to now unless it was set less than a minute
 // ago, so a busy key costs one write a minute, not one a request.
 func (s *store) touchAPIKey(ctx context.Context, keyID string) error {
@@ -223,13 +229,11 @@ func (s *store) touchAPIKey(ctx context.Context, keyID string) error {
 // revokeAPIKey deactivates the key with this id or token hash. It returns
 // errNotFound if no key matches.
 func (s *store) revokeAPIKey(ctx context.Context, idOrHash string) error {
-	var res sql.Result
-	var err error
+	column := "api_key_hash"
 	if id, ok := parseUUID(idOrHash); ok {
-		res, err = s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false WHERE id = $1`, id)
-	} else {
-		res, err = s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false WHERE api_key_hash = $1`, idOrHash)
+		column, idOrHash = "id", id
 	}
+	res, err := s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false WHERE `+column+` = $1`, idOrHash)
 	if err != nil {
 		return fmt.Errorf("revoke api key: %w", err)
 	}
@@ -240,6 +244,12 @@ func (s *store) revokeAPIKey(ctx context.Context, idOrHash string) error {
 }
 
 // ---- sessions and messages ----
+
+// notifyChannel is the one LISTEN/NOTIFY channel of agentline, passed to
+// every pg_notify as a parameter. A payload is "KIND USER SESSION SEQ": ids
+// only, never text (payloads are capped at 8000 bytes, and text does not
+// belong in a broadcast).
+const notifyChannel = "agentline"
 
 // The three statements of the hot path (an agent message in an existing
 // session: lockSession, feedbackAfter, insertAgentMessage) are constants
@@ -253,10 +263,12 @@ const (
 		FOR UPDATE`
 	// $3: the read pointer's seq.
 	sqlFeedbackAfter = `
-		SELECT id, seq, content, requires_user_input, created_at FROM messages
+		SELECT ` + messageColumns + ` FROM messages
 		WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'USER' AND seq > $3
 		ORDER BY seq`
-	// $3 content, $4 requires_user_input, $5-$7 send_email/sms/push, $8 git_diff.
+	// $3 content, $4 requires_user_input, $5-$7 send_email/sms/push, $8
+	// git_diff, $9 whether the agent has now read everything before it (a
+	// question has not: its feedback goes with its answer), $10 the channel.
 	sqlInsertAgentMessage = `
 		WITH lk AS (SELECT pg_advisory_xact_lock(hashtextextended($2::uuid::text, 0))),
 		ins AS (
@@ -266,9 +278,9 @@ const (
 		),
 		upd AS (
 			UPDATE agent_instances AS a SET
-				last_read_message_id = ins.id,
-				last_read_seq = ins.seq,
-				delivered_seq = ins.seq,
+				last_read_message_id = CASE WHEN $9::boolean THEN ins.id ELSE a.last_read_message_id END,
+				last_read_seq = CASE WHEN $9 THEN ins.seq ELSE a.last_read_seq END,
+				delivered_seq = CASE WHEN $9 THEN ins.seq ELSE a.delivered_seq END,
 				step_count = a.step_count + (NOT $4)::int,
 				last_activity_at = GREATEST(a.last_activity_at, ins.created_at),
 				status = CASE WHEN a.status = 'COMPLETED' THEN a.status WHEN $4 THEN 'AWAITING_INPUT' ELSE 'ACTIVE' END,
@@ -277,7 +289,7 @@ const (
 			RETURNING a.step_count
 		)
 		SELECT ins.id, ins.seq, ins.created_at, upd.step_count,
-			pg_notify('agentline', 'm ' || $2::uuid::text || ' ' || $1::uuid::text || ' ' || ins.seq)
+			pg_notify($10, 'm ' || $2::uuid::text || ' ' || $1::uuid::text || ' ' || ins.seq)
 		FROM ins, upd`
 )
 
@@ -296,11 +308,21 @@ func lockSession(ctx context.Context, tx *sql.Tx, userID, sessionID string) (rea
 	return readSeq, readID, status, nil
 }
 
-// createSession inserts a session for userID with the given agent type. It
-// returns errNotFound if the id is taken (by this user, concurrently, or by
-// another user: the caller re-reads to tell which).
-func createSession(ctx context.Context, tx *sql.Tx, userID, sessionID, agentType string) error {
-	res, err := tx.ExecContext(ctx, `
+// lockOrCreateSession locks the session, creating it first when it does not
+// exist and agentType is given. It returns errNeedAgentType for a new id
+// without an agent type and errNotFound for another user's id.
+func lockOrCreateSession(ctx context.Context, tx *sql.Tx, userID, sessionID, agentType string) (readSeq int64, err error) {
+	readSeq, _, _, err = lockSession(ctx, tx, userID, sessionID)
+	if !errors.Is(err, errNotFound) {
+		return readSeq, err
+	}
+	if agentType == "" {
+		return 0, errNeedAgentType
+	}
+	// A concurrent create by the same user makes this insert wait, then do
+	// nothing (another user's id: nothing either); the second lockSession
+	// then finds the row, or says not found.
+	_, err = tx.ExecContext(ctx, `
 		WITH ua AS (
 			INSERT INTO user_agents (user_id, name) VALUES ($2, lower($3))
 			ON CONFLICT (user_id, name) DO UPDATE SET updated_at = user_agents.updated_at
@@ -308,53 +330,22 @@ func createSession(ctx context.Context, tx *sql.Tx, userID, sessionID, agentType
 		)
 		INSERT INTO agent_instances (id, user_agent_id, user_id)
 		SELECT $1::uuid, ua.id, $2::uuid FROM ua
-		ON CONFLICT (id) DO NOTHING`, sessionID, userID, agentType)
+		ON CONFLICT (id) DO NOTHING`, sessionID, userID, strings.ToLower(agentType))
 	if err != nil {
-		return fmt.Errorf("create session: %w", err)
+		return 0, fmt.Errorf("create session: %w", err)
 	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return errNotFound
-	}
-	return nil
-}
-
-// lockOrCreateSession locks the session, creating it first when it does not
-// exist and agentType is given. It returns errNeedAgentType for a new id
-// without an agent type and errNotFound for another user's id.
-func lockOrCreateSession(ctx context.Context, tx *sql.Tx, userID, sessionID, agentType string) (readSeq int64, status string, err error) {
-	readSeq, _, status, err = lockSession(ctx, tx, userID, sessionID)
-	if !errors.Is(err, errNotFound) {
-		return readSeq, status, err
-	}
-	if agentType == "" {
-		return 0, "", errNeedAgentType
-	}
-	// A concurrent create by the same user makes this insert wait, then do
-	// nothing; the second lockSession then finds that row.
-	if err := createSession(ctx, tx, userID, sessionID, strings.ToLower(agentType)); err != nil && !errors.Is(err, errNotFound) {
-		return 0, "", err
-	}
-	readSeq, _, status, err = lockSession(ctx, tx, userID, sessionID)
-	return readSeq, status, err
+	readSeq, _, _, err = lockSession(ctx, tx, userID, sessionID)
+	return readSeq, err
 }
 
 // feedbackAfter returns the user messages of the session after seq, oldest
 // first.
 func feedbackAfter(ctx context.Context, tx *sql.Tx, userID, sessionID string, seq int64) ([]message, error) {
-	rows, err := tx.QueryContext(ctx, sqlFeedbackAfter, sessionID, userID, seq)
+	msgs, err := queryAll(ctx, tx, scanMessage, sqlFeedbackAfter, sessionID, userID, seq)
 	if err != nil {
 		return nil, fmt.Errorf("feedback: %w", err)
 	}
-	defer rows.Close()
-	var out []message
-	for rows.Next() {
-		m := message{SessionID: sessionID, SenderType: senderUser}
-		if err := rows.Scan(&m.ID, &m.Seq, &m.Content, &m.RequiresUserInput, &m.CreatedAt); err != nil {
-			return nil, fmt.Errorf("feedback: %w", err)
-		}
-		out = append(out, m)
-	}
-	return out, rows.Err()
+	return msgs, nil
 }
 
 // agentMessage is what an agent sends: a step, or a question when
@@ -378,15 +369,16 @@ type agentMessageResult struct {
 	Steps    int
 }
 
-// insertAgentMessage stores an agent message in a locked session, moves the
-// read pointer to it and notifies the hub, all in tx. The user lock makes seq
-// order commit order across all of a user's sessions (the event stream resumes
-// by seq, so a smaller seq must never commit after a larger one is visible).
-func insertAgentMessage(ctx context.Context, tx *sql.Tx, userID string, in agentMessage) (message, int, error) {
+// insertAgentMessage stores an agent message in a locked session and
+// notifies the hub, all in tx; with reads, the read pointer moves to it. The
+// user lock makes seq order commit order across all of a user's sessions
+// (the event stream resumes by seq, so a smaller seq must never commit after
+// a larger one is visible).
+func insertAgentMessage(ctx context.Context, tx *sql.Tx, userID string, in agentMessage, reads bool) (message, int, error) {
 	m := message{SessionID: in.SessionID, SenderType: senderAgent, Content: cleanText(in.Content), RequiresUserInput: in.RequiresUserInput}
 	var steps int
 	err := tx.QueryRowContext(ctx, sqlInsertAgentMessage,
-		in.SessionID, userID, m.Content, in.RequiresUserInput, in.SendEmail, in.SendSMS, in.SendPush, in.GitDiff,
+		in.SessionID, userID, m.Content, in.RequiresUserInput, in.SendEmail, in.SendSMS, in.SendPush, in.GitDiff, reads, notifyChannel,
 	).Scan(&m.ID, &m.Seq, &m.CreatedAt, &steps, new(string))
 	if err != nil {
 		return message{}, 0, fmt.Errorf("insert agent message: %w", err)
@@ -402,14 +394,14 @@ func insertAgentMessage(ctx context.Context, tx *sql.Tx, userID string, in agent
 func (s *store) addAgentMessage(ctx context.Context, userID string, in agentMessage) (agentMessageResult, error) {
 	var r agentMessageResult
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
-		readSeq, _, err := lockOrCreateSession(ctx, tx, userID, in.SessionID, in.AgentType)
+		readSeq, err := lockOrCreateSession(ctx, tx, userID, in.SessionID, in.AgentType)
 		if err != nil {
 			return err
 		}
 		if r.Feedback, err = feedbackAfter(ctx, tx, userID, in.SessionID, readSeq); err != nil {
 			return err
 		}
-		r.Message, r.Steps, err = insertAgentMessage(ctx, tx, userID, in)
+		r.Message, r.Steps, err = insertAgentMessage(ctx, tx, userID, in, true)
 		return err
 	})
 	if err != nil {
@@ -446,9 +438,9 @@ func (s *store) addUserMessage(ctx context.Context, userID, sessionID, content s
 				RETURNING a.id
 			)
 			SELECT ins.id, ins.seq, ins.created_at,
-				pg_notify('agentline', 'm ' || $2::uuid::text || ' ' || $1::uuid::text || ' ' || ins.seq)
+				pg_notify($5, 'm ' || $2::uuid::text || ' ' || $1::uuid::text || ' ' || ins.seq)
 			FROM ins, upd`,
-			sessionID, userID, m.Content, markAsRead,
+			sessionID, userID, m.Content, markAsRead, notifyChannel,
 		).Scan(&m.ID, &m.Seq, &m.CreatedAt, new(string))
 	})
 	if err != nil {
@@ -457,17 +449,18 @@ func (s *store) addUserMessage(ctx context.Context, userID, sessionID, content s
 	return m, nil
 }
 
-// pending returns the user messages after the session's read pointer and
-// moves the pointer past them. If lastReadID is not empty and is not the
-// current pointer, another reader moved it: pending reports stale and
-// returns nothing. It returns errNotFound if the session is missing or not
-// userID's.
-func (s *store) pending(ctx context.Context, userID, sessionID, lastReadID string) (msgs []message, stale bool, err error) {
+// pending returns the user messages after the session's read pointer, moving
+// the pointer past them, and the session's status. If lastReadID is not
+// empty and is not the current pointer, another reader moved it: pending
+// reports stale and returns no messages. It returns errNotFound if the
+// session is missing or not userID's.
+func (s *store) pending(ctx context.Context, userID, sessionID, lastReadID string) (msgs []message, stale bool, status string, err error) {
 	err = s.inTx(ctx, func(tx *sql.Tx) error {
-		readSeq, readID, _, err := lockSession(ctx, tx, userID, sessionID)
+		readSeq, readID, st, err := lockSession(ctx, tx, userID, sessionID)
 		if err != nil {
 			return err
 		}
+		status = st
 		if lastReadID != "" && (!readID.Valid || readID.String != lastReadID) {
 			stale = true
 			return nil
@@ -475,25 +468,29 @@ func (s *store) pending(ctx context.Context, userID, sessionID, lastReadID strin
 		if msgs, err = feedbackAfter(ctx, tx, userID, sessionID, readSeq); err != nil || len(msgs) == 0 {
 			return err
 		}
-		return movePointer(ctx, tx, userID, sessionID, msgs[len(msgs)-1])
+		return deliver(ctx, tx, userID, sessionID, msgs[len(msgs)-1], 0, 0)
 	})
 	if err != nil {
-		return nil, false, fmt.Errorf("pending: %w", err)
+		return nil, false, "", fmt.Errorf("pending: %w", err)
 	}
-	return msgs, stale, nil
+	return msgs, stale, status, nil
 }
 
-// movePointer records that m was handed to the agent: the read pointer
-// moves to it unless already past it, and delivered_seq covers it.
-func movePointer(ctx context.Context, tx *sql.Tx, userID, sessionID string, m message) error {
+// deliver records that every user message up to m was handed to the agent:
+// the read pointer moves to m unless already past it, and delivered_seq
+// covers it. answerSeq > 0 records m as the answer to question questionSeq,
+// so asking that question again returns it again.
+func deliver(ctx context.Context, tx *sql.Tx, userID, sessionID string, m message, answerSeq, questionSeq int64) error {
 	_, err := tx.ExecContext(ctx, `
 		UPDATE agent_instances SET
-			last_read_message_id = CASE WHEN last_read_seq < $4 THEN $3 ELSE last_read_message_id END,
+			last_read_message_id = CASE WHEN last_read_seq < $4 THEN $3::uuid ELSE last_read_message_id END,
 			last_read_seq = GREATEST(last_read_seq, $4),
-			delivered_seq = GREATEST(delivered_seq, $4)
-		WHERE id = $1 AND user_id = $2`, sessionID, userID, m.ID, m.Seq)
+			delivered_seq = GREATEST(delivered_seq, $4),
+			answer_seq = GREATEST(answer_seq, $5),
+			answered_question_seq = CASE WHEN $5 > 0 THEN GREATEST(answered_question_seq, $6) ELSE answered_question_seq END
+		WHERE id = $1 AND user_id = $2`, sessionID, userID, m.ID, m.Seq, answerSeq, questionSeq)
 	if err != nil {
-		return fmt.Errorf("move read pointer: %w", err)
+		return fmt.Errorf("deliver: %w", err)
 	}
 	return nil
 }
@@ -534,7 +531,7 @@ func (s *store) requestInput(ctx context.Context, userID, messageID string) (ses
 			return err
 		}
 		if len(msgs) > 0 {
-			return movePointer(ctx, tx, userID, sessionID, msgs[len(msgs)-1])
+			return deliver(ctx, tx, userID, sessionID, msgs[len(msgs)-1], 0, 0)
 		}
 		_, err = tx.ExecContext(ctx, `
 			UPDATE agent_instances SET status = 'AWAITING_INPUT', last_activity_at = now()
@@ -552,7 +549,7 @@ func (s *store) requestInput(ctx context.Context, userID, messageID string) (ses
 
 // notifySession tells the hub that the session's status changed.
 func notifySession(ctx context.Context, tx *sql.Tx, userID, sessionID string) error {
-	_, err := tx.ExecContext(ctx, `SELECT pg_notify('agentline', 's ' || $1::uuid::text || ' ' || $2::uuid::text || ' 0')`, userID, sessionID)
+	_, err := tx.ExecContext(ctx, `SELECT pg_notify($3, 's ' || $1::uuid::text || ' ' || $2::uuid::text || ' 0')`, userID, sessionID, notifyChannel)
 	return err
 }
 
@@ -616,7 +613,10 @@ func (s *store) listSessions(ctx context.Context, userID, status string, cursor 
 	}
 	// left(…, 800): 200 characters are at most 800 bytes, whatever the
 	// database's encoding; the handler cuts to 200 characters.
-	rows, err := s.db.QueryContext(ctx, `
+	out, err := queryAll(ctx, s.db, func(ss *sessionSummary) []any {
+		return []any{&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt,
+			&ss.LastMessage, &ss.QuestionID, &ss.Question}
+	}, `
 		SELECT a.id, ua.name, a.status, a.started_at, a.ended_at, a.last_activity_at,
 			left(lm.content, 800),
 			CASE WHEN lm.asks THEN lm.id END,
@@ -638,19 +638,6 @@ func (s *store) listSessions(ctx context.Context, userID, status string, cursor 
 	if err != nil {
 		return nil, fmt.Errorf("list sessions: %w", err)
 	}
-	defer rows.Close()
-	var out []sessionSummary
-	for rows.Next() {
-		var ss sessionSummary
-		if err := rows.Scan(&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt,
-			&ss.LastMessage, &ss.QuestionID, &ss.Question); err != nil {
-			return nil, fmt.Errorf("list sessions: %w", err)
-		}
-		out = append(out, ss)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("list sessions: %w", err)
-	}
 	return out, nil
 }
 
@@ -668,40 +655,27 @@ type sessionTimeline struct {
 // errNotFound if the session is missing or not userID's.
 func (s *store) sessionMessages(ctx context.Context, userID, sessionID string, after int64, limit int) (sessionTimeline, error) {
 	tl := sessionTimeline{ID: sessionID}
-	tx, err := s.db.BeginTx(ctx, &sql.TxOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true})
-	if err != nil {
-		return tl, fmt.Errorf("session messages: %w", err)
-	}
-	defer tx.Rollback()
-	err = tx.QueryRowContext(ctx, `
-		SELECT ua.name, a.status, a.git_diff
-		FROM agent_instances a JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = $2
-		WHERE a.id = $1 AND a.user_id = $2`, sessionID, userID).Scan(&tl.AgentType, &tl.Status, &tl.GitDiff)
-	if errors.Is(err, sql.ErrNoRows) {
-		return tl, errNotFound
-	}
-	if err != nil {
-		return tl, fmt.Errorf("session messages: %w", err)
-	}
-	rows, err := tx.QueryContext(ctx, `
-		SELECT id, seq, sender_type, content, requires_user_input, created_at FROM messages
-		WHERE agent_instance_id = $1 AND user_id = $2 AND seq > $3
-		ORDER BY seq LIMIT $4`, sessionID, userID, after, limit)
-	if err != nil {
-		return tl, fmt.Errorf("session messages: %w", err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		m := message{SessionID: sessionID}
-		if err := rows.Scan(&m.ID, &m.Seq, &m.SenderType, &m.Content, &m.RequiresUserInput, &m.CreatedAt); err != nil {
-			return tl, fmt.Errorf("session messages: %w", err)
+	err := s.inTxWith(ctx, &sql.TxOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true}, func(tx *sql.Tx) error {
+		err := tx.QueryRowContext(ctx, `
+			SELECT ua.name, a.status, a.git_diff
+			FROM agent_instances a JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = $2
+			WHERE a.id = $1 AND a.user_id = $2`, sessionID, userID).Scan(&tl.AgentType, &tl.Status, &tl.GitDiff)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errNotFound
 		}
-		tl.Messages = append(tl.Messages, m)
-	}
-	if err := rows.Err(); err != nil {
+		if err != nil {
+			return err
+		}
+		tl.Messages, err = queryAll(ctx, tx, scanMessage, `
+			SELECT `+messageColumns+` FROM messages
+			WHERE agent_instance_id = $1 AND user_id = $2 AND seq > $3
+			ORDER BY seq LIMIT $4`, sessionID, userID, after, limit)
+		return err
+	})
+	if err != nil {
 		return tl, fmt.Errorf("session messages: %w", err)
 	}
-	return tl, tx.Commit()
+	return tl, nil
 }
 
 // latestSeq returns the seq of userID's newest message, 0 if there is none.
@@ -721,23 +695,11 @@ func (s *store) latestSeq(ctx context.Context, userID string) (int64, error) {
 // a reader that advances its cursor to the last seq it got never skips a
 // message committed later.
 func (s *store) messagesAfter(ctx context.Context, userID string, after int64, limit int) ([]message, error) {
-	rows, err := s.db.QueryContext(ctx, `
-		SELECT id, seq, agent_instance_id, sender_type, content, requires_user_input, created_at FROM messages
+	out, err := queryAll(ctx, s.db, scanMessage, `
+		SELECT `+messageColumns+` FROM messages
 		WHERE user_id = $1 AND seq > $2
 		ORDER BY seq LIMIT $3`, userID, after, limit)
 	if err != nil {
-		return nil, fmt.Errorf("messages after: %w", err)
-	}
-	defer rows.Close()
-	var out []message
-	for rows.Next() {
-		var m message
-		if err := rows.Scan(&m.ID, &m.Seq, &m.SessionID, &m.SenderType, &m.Content, &m.RequiresUserInput, &m.CreatedAt); err != nil {
-			return nil, fmt.Errorf("messages after: %w", err)
-		}
-		out = append(out, m)
-	}
-	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("messages after: %w", err)
 	}
 	return out, nil
@@ -748,25 +710,15 @@ func (s *store) messagesAfter(ctx context.Context, userID string, after int64, l
 // a session's status also moves its last activity, so a reader comparing two
 // calls sees every change made in between.
 func (s *store) recentSessions(ctx context.Context, userID string, window time.Duration) ([]sessionSummary, error) {
-	rows, err := s.db.QueryContext(ctx, `
+	out, err := queryAll(ctx, s.db, func(ss *sessionSummary) []any {
+		return []any{&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt}
+	}, `
 		SELECT a.id, ua.name, a.status, a.started_at, a.ended_at, a.last_activity_at
 		FROM agent_instances a JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = $1
 		WHERE a.user_id = $1 AND a.last_activity_at > now() - make_interval(secs => $2)
 		ORDER BY a.last_activity_at DESC, a.id DESC
 		LIMIT 500`, userID, window.Seconds())
 	if err != nil {
-		return nil, fmt.Errorf("recent sessions: %w", err)
-	}
-	defer rows.Close()
-	var out []sessionSummary
-	for rows.Next() {
-		var ss sessionSummary
-		if err := rows.Scan(&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt); err != nil {
-			return nil, fmt.Errorf("recent sessions: %w", err)
-		}
-		out = append(out, ss)
-	}
-	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("recent sessions: %w", err)
 	}
 	return out, nil
@@ -776,50 +728,10 @@ func (s *store) recentSessions(ctx context.Context, userID string, window time.D
 
 // question is an agent message that waits for a person's answer.
 type question struct {
-	ID        string
-	Seq       int64
-	CreatedAt time.Time
-	Resumed   bool      // an earlier call asked it; no new message was stored
-	Feedback  []message // user messages queued before it was asked
-}
-
-// askQuestion stores a question in an existing session, or resumes the
-// session's open question when it has the same text: the latest agent
-// message, asking, and not yet answered to an ask_question call. It returns
-// errNotFound if the session is missing or not userID's.
-func (s *store) askQuestion(ctx context.Context, userID, sessionID, text string) (question, error) {
-	text = cleanText(text)
-	var q question
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
-		readSeq, _, _, err := lockSession(ctx, tx, userID, sessionID)
-		if err != nil {
-			return err
-		}
-		var content string
-		var asks, answered bool
-		err = tx.QueryRowContext(ctx, `
-			SELECT m.id, m.seq, m.created_at, m.content, m.requires_user_input, m.seq <= a.answered_question_seq
-			FROM messages m JOIN agent_instances a ON a.id = m.agent_instance_id
-			WHERE m.agent_instance_id = $1 AND m.user_id = $2 AND a.user_id = $2 AND m.sender_type = 'AGENT'
-			ORDER BY m.seq DESC LIMIT 1`, sessionID, userID).Scan(&q.ID, &q.Seq, &q.CreatedAt, &content, &asks, &answered)
-		if err != nil && !errors.Is(err, sql.ErrNoRows) {
-			return err
-		}
-		if err == nil && asks && !answered && content == text {
-			q.Resumed = true
-			return nil
-		}
-		if q.Feedback, err = feedbackAfter(ctx, tx, userID, sessionID, readSeq); err != nil {
-			return err
-		}
-		m, _, err := insertAgentMessage(ctx, tx, userID, agentMessage{SessionID: sessionID, Content: text, RequiresUserInput: true})
-		q = question{ID: m.ID, Seq: m.Seq, CreatedAt: m.CreatedAt, Feedback: q.Feedback}
-		return err
-	})
-	if err != nil {
-		return question{}, fmt.Errorf("ask question: %w", err)
-	}
-	return q, nil
+	ID      string
+	Seq     int64
+	Resumed bool          // an earlier call asked it; no new message was stored
+	Left    time.Duration // until the question timeout passes, by the database's clock
 }
 
 // questionState is where a question stands.
@@ -830,74 +742,137 @@ const (
 	questionAnswered                 // a user message came after it
 	questionSuperseded               // a newer agent message came first
 	questionEnded                    // the session ended first
+	questionExpired                  // the question timeout passed first
 )
 
-// answer reports where question q of the session stands. When it is
-// answered, the answer (the first user message after q) is returned, the
-// question is marked as answered to a caller and the read pointer moves past
-// the answer, so it is not handed out again as feedback. It returns
-// errNotFound if the session is missing or not userID's.
-func (s *store) answer(ctx context.Context, userID, sessionID string, q question) (questionState, message, error) {
-	var st questionState
-	var ans message
+// outcome is where a question stands, its answer, and the feedback the
+// person sent before it was asked (handed over with the answer).
+type outcome struct {
+	State    questionState
+	Answer   message
+	Feedback []message
+}
+
+// askQuestion stores a question in an existing session, or resumes the
+// session's latest agent message when it asks the same text and can still be
+// answered: it has not timed out (by the database's clock), or it was
+// answered (that answer is returned again: a client that vanished after an
+// answer was taken still gets it), or an answer arrived late. A question
+// does not move the read pointer: the feedback queued before it is handed
+// over by the call that returns (questionOutcome), never lost with a cut
+// call. It returns errNotFound if the session is missing or not userID's.
+func (s *store) askQuestion(ctx context.Context, userID, sessionID, text string, timeout time.Duration) (question, error) {
+	text = cleanText(text)
+	q := question{Left: timeout}
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
-		_, _, status, err := lockSession(ctx, tx, userID, sessionID)
-		if err != nil {
+		if _, _, _, err := lockSession(ctx, tx, userID, sessionID); err != nil {
 			return err
 		}
-		rows, err := tx.QueryContext(ctx, `
-			(SELECT id, seq, sender_type, content, created_at FROM messages
-			 WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'USER' AND seq > $3
-			   -- never a message already handed to the agent another way
-			   AND seq > (SELECT delivered_seq FROM agent_instances WHERE id = $1 AND user_id = $2)
-			 ORDER BY seq LIMIT 1)
-			UNION ALL
-			(SELECT id, seq, sender_type, content, created_at FROM messages
-			 WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'AGENT' AND seq > $3
-			 ORDER BY seq LIMIT 1)`, sessionID, userID, q.Seq)
-		if err != nil {
-			return err
-		}
-		defer rows.Close()
-		var first *message
-		for rows.Next() {
-			m := message{SessionID: sessionID}
-			if err := rows.Scan(&m.ID, &m.Seq, &m.SenderType, &m.Content, &m.CreatedAt); err != nil {
-				return err
-			}
-			if first == nil || m.Seq < first.Seq {
-				first = &m
-			}
-		}
-		if err := rows.Err(); err != nil {
-			return err
-		}
-		rows.Close()
-		switch {
-		case first != nil && first.SenderType == senderUser:
-			st, ans = questionAnswered, *first
-		case first != nil:
-			st = questionSuperseded
-			return nil
-		case status == statusCompleted:
-			st = questionEnded
-			return nil
-		default:
-			st = questionOpen
+		var left float64
+		err := tx.QueryRowContext(ctx, `
+			SELECT q.id, q.seq, extract(epoch FROM q.created_at + make_interval(secs => $4) - now())
+			FROM agent_instances a
+			CROSS JOIN LATERAL (
+				SELECT id, seq, content, requires_user_input, created_at FROM messages
+				WHERE agent_instance_id = a.id AND user_id = $2 AND sender_type = 'AGENT'
+				ORDER BY seq DESC LIMIT 1
+			) q
+			WHERE a.id = $1 AND a.user_id = $2 AND q.requires_user_input AND q.content = $3
+				AND (q.created_at + make_interval(secs => $4) > now() OR a.answer_seq > q.seq
+					OR EXISTS (SELECT 1 FROM messages u
+						WHERE u.agent_instance_id = $1 AND u.user_id = $2 AND u.sender_type = 'USER'
+							AND u.seq > q.seq AND u.seq > a.delivered_seq))`,
+			sessionID, userID, text, timeout.Seconds()).Scan(&q.ID, &q.Seq, &left)
+		if err == nil {
+			q.Resumed, q.Left = true, time.Duration(left*float64(time.Second))
 			return nil
 		}
-		if err := movePointer(ctx, tx, userID, sessionID, ans); err != nil {
+		if !errors.Is(err, sql.ErrNoRows) {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `
-			UPDATE agent_instances SET answered_question_seq = $3
-			WHERE id = $1 AND user_id = $2 AND answered_question_seq < $3`, sessionID, userID, q.Seq)
+		m, _, err := insertAgentMessage(ctx, tx, userID, agentMessage{SessionID: sessionID, Content: text, RequiresUserInput: true}, false)
+		q.ID, q.Seq = m.ID, m.Seq
 		return err
 	})
 	if err != nil {
-		return 0, message{}, fmt.Errorf("answer: %w", err)
+		return question{}, fmt.Errorf("ask question: %w", err)
 	}
-	return st, ans, nil
+	return q, nil
+}
+
+// questionOutcome reports where question q stands. The answer is the first
+// user message after q that no other call was handed first, or the one an
+// earlier call of this question was handed. When q is answered, or when
+// final (the call returns now, answered or not), the feedback queued before
+// q is returned and marked delivered in the same transaction, with the
+// answer. It returns errNotFound if the session is missing or not userID's.
+func (s *store) questionOutcome(ctx context.Context, userID, sessionID string, q question, timeout time.Duration, final bool) (outcome, error) {
+	var out outcome
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		var status string
+		var readSeq int64
+		var expired bool
+		var ansID sql.NullString
+		var ansSeq, nextAgent sql.NullInt64
+		var ansContent sql.NullString
+		var ansAt sql.NullTime
+		err := tx.QueryRowContext(ctx, `
+			SELECT a.status, a.last_read_seq, q.created_at + make_interval(secs => $4) <= now(),
+				ans.id, ans.seq, ans.content, ans.created_at,
+				(SELECT min(seq) FROM messages
+				 WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'AGENT' AND seq > $3)
+			FROM agent_instances a
+			JOIN messages q ON q.agent_instance_id = a.id AND q.user_id = $2 AND q.seq = $3
+			LEFT JOIN LATERAL (
+				SELECT id, seq, content, created_at FROM messages
+				WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'USER' AND seq > $3
+					AND CASE WHEN a.answer_seq > $3 THEN seq = a.answer_seq ELSE seq > a.delivered_seq END
+				ORDER BY seq LIMIT 1
+			) ans ON true
+			WHERE a.id = $1 AND a.user_id = $2
+			FOR UPDATE OF a`, sessionID, userID, q.Seq, timeout.Seconds(),
+		).Scan(&status, &readSeq, &expired, &ansID, &ansSeq, &ansContent, &ansAt, &nextAgent)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errNotFound
+		}
+		if err != nil {
+			return err
+		}
+		switch {
+		case ansSeq.Valid && (!nextAgent.Valid || ansSeq.Int64 < nextAgent.Int64):
+			out.State = questionAnswered
+			out.Answer = message{ID: ansID.String, Seq: ansSeq.Int64, SessionID: sessionID, SenderType: senderUser,
+				Content: ansContent.String, CreatedAt: ansAt.Time}
+		case nextAgent.Valid:
+			out.State = questionSuperseded
+		case status == statusCompleted:
+			out.State = questionEnded
+		case expired:
+			out.State = questionExpired
+		}
+		if out.State != questionAnswered && !(final && out.State == questionOpen) {
+			return nil
+		}
+		out.Feedback, err = queryAll(ctx, tx, scanMessage, `
+			SELECT `+messageColumns+` FROM messages
+			WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'USER' AND seq > $3 AND seq < $4
+			ORDER BY seq`, sessionID, userID, readSeq, q.Seq)
+		if err != nil {
+			return err
+		}
+		last := out.Answer
+		if out.State != questionAnswered {
+			if len(out.Feedback) == 0 {
+				return nil
+			}
+			last = out.Feedback[len(out.Feedback)-1]
+		}
+		return deliver(ctx, tx, userID, sessionID, last, out.Answer.Seq, q.Seq)
+	})
+	if err != nil {
+		return outcome{}, fmt.Errorf("question outcome: %w", err)
+	}
+	return out, nil
 }
 
 // isUnavailable reports whether err means the database could not be reached
@@ -914,182 +889,4 @@ func isUnavailable(err error) bool {
 	return errors.As(err, &netErr) || errors.Is(err, driver.ErrBadConn) || errors.Is(err, io.EOF) ||
 		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNREFUSED) ||
 		errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, sql.ErrConnDone)
-}
-
-// ---- the wait hub ----
-
-// hub wakes waiters when the database says something changed. One
-// pq.Listener connection per process LISTENs on notifyChannel; the store
-// NOTIFYs inside the transaction that adds a message or changes a session,
-// so a wake-up is delivered at commit, to every replica. A waiter holds no
-// database connection: it is a channel in a map until it is woken, then it
-// re-reads the database itself.
-type hub struct {
-	listener *pq.Listener
-	log      *slog.Logger
-	pinging  atomic.Bool
-
-	mu     sync.Mutex
-	topics map[string]map[chan struct{}]struct{} // "s:"+session or "u:"+user
-	count  int
-	done   chan struct{}
-}
-
-// newHub connects the listener to dsn and starts dispatching. It returns once
-// LISTEN is in effect, so no notification committed after it is missed.
-func newHub(ctx context.Context, dsn string, log *slog.Logger) (*hub, error) {
-	h := &hub{log: log, topics: map[string]map[chan struct{}]struct{}{}, done: make(chan struct{})}
-	h.listener = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
-		switch ev {
-		case pq.ListenerEventDisconnected:
-			log.Warn("wait hub: listener disconnected", "err", err)
-		case pq.ListenerEventReconnected:
-			log.Info("wait hub: listener reconnected")
-		}
-	})
-	if err := h.listener.Listen(notifyChannel); err != nil {
-		h.listener.Close()
-		return nil, fmt.Errorf("wait hub: listen: %w", err)
-	}
-	go h.run()
-	return h, nil
-}
-
-func (h *hub) run() {
-	defer close(h.done)
-	ping := time.NewTicker(10 * time.Second)
-	defer ping.Stop()
-	for {
-		select {
-		case n, ok := <-h.listener.NotificationChannel():
-			if !ok {
-				return
-			}
-			if n == nil {
-				// The connection was lost and is back: notifications sent in
-				// between are gone, so everyone re-checks.
-				h.wakeAll()
-				continue
-			}
-			h.dispatch(n.Extra)
-		case <-ping.C:
-			// A dead connection is noticed here at the latest; the listener
-			// then reconnects and the nil notification above wakes everyone.
-			// One ping at a time: a ping hung on a dead connection must not
-			// pile up a goroutine every tick.
-			if h.pinging.CompareAndSwap(false, true) {
-				go func() {
-					defer h.pinging.Store(false)
-					h.listener.Ping()
-				}()
-			}
-		}
-	}
-}
-
-// dispatch wakes the waiters of the session and the user named in payload.
-func (h *hub) dispatch(payload string) {
-	f := strings.Fields(payload)
-	if len(f) != 4 {
-		return
-	}
-	h.wake("u:" + f[1])
-	h.wake("s:" + f[2])
-}
-
-func (h *hub) wake(topic string) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	for ch := range h.topics[topic] {
-		select {
-		case ch <- struct{}{}:
-		default: // already has a wake-up pending
-		}
-	}
-}
-
-func (h *hub) wakeAll() {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	for _, set := range h.topics {
-		for ch := range set {
-			select {
-			case ch <- struct{}{}:
-			default:
-			}
-		}
-	}
-}
-
-// subscribe registers a waiter on topic ("s:"+session or "u:"+user). The
-// returned channel receives a value after every change to it (changes close
-// together may be folded into one). Subscribe before reading the database,
-// then wait: a change committed in between is not missed. cancel must be
-// called when done.
-func (h *hub) subscribe(topic string) (wake <-chan struct{}, cancel func()) {
-	ch := make(chan struct{}, 1)
-	h.mu.Lock()
-	set := h.topics[topic]
-	if set == nil {
-		set = map[chan struct{}]struct{}{}
-		h.topics[topic] = set
-	}
-	set[ch] = struct{}{}
-	h.count++
-	h.mu.Unlock()
-	var once sync.Once
-	return ch, func() {
-		once.Do(func() {
-			h.mu.Lock()
-			delete(set, ch)
-			if len(set) == 0 && h.topics[topic] != nil && len(h.topics[topic]) == 0 {
-				delete(h.topics, topic)
-			}
-			h.count--
-			h.mu.Unlock()
-		})
-	}
-}
-
-// waiters returns the number of registered waiters.
-func (h *hub) waiters() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.count
-}
-
-// close stops the listener and wakes every waiter so it can notice shutdown.
-func (h *hub) close() {
-	h.listener.Close()
-	<-h.done
-	h.wakeAll()
-}
-
-// safetyRecheck is how often a waiter re-reads the database even when no
-// notification came: the last line of defence against a lost wake-up.
-const safetyRecheck = 30 * time.Second
-
-// wait blocks until check reports done, ctx ends, or limit passes. check is
-// called at once and again after every wake-up of topic and every
-// safetyRecheck. While it waits, wait holds no database connection.
-func (h *hub) wait(ctx context.Context, topic string, limit time.Duration, check func() (bool, error)) (done bool, err error) {
-	wake, cancel := h.subscribe(topic)
-	defer cancel()
-	deadline := time.NewTimer(limit)
-	defer deadline.Stop()
-	recheck := time.NewTicker(safetyRecheck)
-	defer recheck.Stop()
-	for {
-		if done, err := check(); done || err != nil {
-			return done, err
-		}
-		select {
-		case <-wake:
-		case <-recheck.C:
-		case <-deadline.C:
-			return false, nil
-		case <-ctx.Done():
-			return false, ctx.Err()
-		}
-	}
 }

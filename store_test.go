@@ -81,7 +81,7 @@ func (f *storeFixture) userMsg(userID, sessionID, text string, markAsRead bool) 
 
 func (f *storeFixture) pending(userID, sessionID, lastReadID string) ([]message, bool) {
 	f.t.Helper()
-	msgs, stale, err := f.s.pending(f.ctx, userID, sessionID, lastReadID)
+	msgs, stale, _, err := f.s.pending(f.ctx, userID, sessionID, lastReadID)
 	if err != nil {
 		f.t.Fatalf("pending: %v", err)
 	}
@@ -90,7 +90,7 @@ func (f *storeFixture) pending(userID, sessionID, lastReadID string) ([]message,
 
 func (f *storeFixture) ask(userID, sessionID, text string) question {
 	f.t.Helper()
-	q, err := f.s.askQuestion(f.ctx, userID, sessionID, text)
+	q, err := f.s.askQuestion(f.ctx, userID, sessionID, text, 24*time.Hour)
 	if err != nil {
 		f.t.Fatalf("ask question %q: %v", text, err)
 	}
@@ -99,11 +99,11 @@ func (f *storeFixture) ask(userID, sessionID, text string) question {
 
 func (f *storeFixture) answer(userID, sessionID string, q question) (questionState, message) {
 	f.t.Helper()
-	st, ans, err := f.s.answer(f.ctx, userID, sessionID, q)
+	o, err := f.s.questionOutcome(f.ctx, userID, sessionID, q, 24*time.Hour, false)
 	if err != nil {
 		f.t.Fatalf("answer: %v", err)
 	}
-	return st, ans
+	return o.State, o.Answer
 }
 
 // storeSessionRow is a session as stored.
@@ -295,7 +295,7 @@ func TestStorePending(t *testing.T) {
 	})
 
 	t.Run("unknown session", func(t *testing.T) {
-		if _, _, err := f.s.pending(f.ctx, u, newUUID(), ""); !errors.Is(err, errNotFound) {
+		if _, _, _, err := f.s.pending(f.ctx, u, newUUID(), ""); !errors.Is(err, errNotFound) {
 			t.Errorf("err = %v, want errNotFound", err)
 		}
 	})
@@ -382,7 +382,7 @@ func TestStorePendingExactlyOnce(t *testing.T) {
 						// Read done before polling, so the last poll of each
 						// poller sees every message.
 						finished := storeClosed(done)
-						msgs, stale, err := f.s.pending(f.ctx, u, sid, pointer)
+						msgs, stale, _, err := f.s.pending(f.ctx, u, sid, pointer)
 						polls.Add(1)
 						if err != nil {
 							errs <- fmt.Errorf("pending: %v", err)
@@ -505,7 +505,7 @@ func TestStoreOrderSameTransactionAndMillisecond(t *testing.T) {
 		}
 		var ms []message
 		for i := range 3 {
-			m, _, err := insertAgentMessage(f.ctx, tx, u, agentMessage{SessionID: sid, Content: fmt.Sprint("a", i)})
+			m, _, err := insertAgentMessage(f.ctx, tx, u, agentMessage{SessionID: sid, Content: fmt.Sprint("a", i)}, true)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -593,7 +593,7 @@ func TestStoreOrderLaterCommitLargerSeq(t *testing.T) {
 			return r.Message, err
 		}},
 		{"question", func(sid string) (message, error) {
-			q, err := f.s.askQuestion(f.ctx, u, sid, "later?")
+			q, err := f.s.askQuestion(f.ctx, u, sid, "later?", time.Hour)
 			return message{ID: q.ID, Seq: q.Seq}, err
 		}},
 	} {
@@ -608,7 +608,7 @@ func TestStoreOrderLaterCommitLargerSeq(t *testing.T) {
 			if _, _, _, err := lockSession(f.ctx, tx, u, s2); err != nil {
 				t.Fatal(err)
 			}
-			b, _, err := insertAgentMessage(f.ctx, tx, u, agentMessage{SessionID: s2, Content: "first"})
+			b, _, err := insertAgentMessage(f.ctx, tx, u, agentMessage{SessionID: s2, Content: "first"}, true)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -688,7 +688,7 @@ func TestStoreOrderConcurrentCommits(t *testing.T) {
 						if _, _, _, err := lockSession(f.ctx, tx, u, sid); err != nil {
 							return err
 						}
-						if _, _, err := insertAgentMessage(f.ctx, tx, u, agentMessage{SessionID: sid, Content: "slow"}); err != nil {
+						if _, _, err := insertAgentMessage(f.ctx, tx, u, agentMessage{SessionID: sid, Content: "slow"}, true); err != nil {
 							return err
 						}
 						_, err := tx.ExecContext(f.ctx, `SELECT pg_sleep($1)`, rand.Float64()*0.003)
@@ -1016,7 +1016,7 @@ func TestStoreQuestions(t *testing.T) {
 	t.Run("answered", func(t *testing.T) {
 		sid := f.newSession(u)
 		q := f.ask(u, sid, "which one?")
-		if q.Resumed || q.ID == "" || len(q.Feedback) != 0 {
+		if q.Resumed || q.ID == "" {
 			t.Fatalf("question = %+v", q)
 		}
 		if st, _ := f.answer(u, sid, q); st != questionOpen {
@@ -1046,7 +1046,7 @@ func TestStoreQuestions(t *testing.T) {
 		sid := f.newSession(u)
 		q := f.ask(u, sid, "which one?")
 		f.userMsg(u, sid, "taken by a poller", false)
-		msgs, stale, err := f.s.pending(f.ctx, u, sid, "")
+		msgs, stale, _, err := f.s.pending(f.ctx, u, sid, "")
 		if err != nil || stale {
 			t.Fatal(err, stale)
 		}
@@ -1112,10 +1112,20 @@ func TestStoreQuestions(t *testing.T) {
 		if st, ans := f.answer(u, sid, again); st != questionAnswered || ans.Content != "yes" {
 			t.Fatalf("state = %v answer %q", st, ans.Content)
 		}
-		// Its answer returned, the same text is a new question.
+		// Its answer returned, asking the same again (a client that never
+		// saw the result) returns the same answer again.
+		again = f.ask(u, sid, "same?")
+		if !again.Resumed || again.ID != q.ID {
+			t.Fatalf("ask after the answer was returned = %+v, want resumed", again)
+		}
+		if st, ans := f.answer(u, sid, again); st != questionAnswered || ans.Content != "yes" {
+			t.Fatalf("state = %v answer %q, want the same answer again", st, ans.Content)
+		}
+		// After a step, the same text is a new question.
+		f.step(u, sid, "a step")
 		fresh := f.ask(u, sid, "same?")
 		if fresh.Resumed || fresh.ID == q.ID || fresh.Seq <= q.Seq {
-			t.Errorf("ask after the answer was returned = %+v, want a new question", fresh)
+			t.Errorf("ask after a step = %+v, want a new question", fresh)
 		}
 		if st, _ := f.answer(u, sid, fresh); st != questionOpen {
 			t.Errorf("new question state = %v, want open (the old answer is not its answer)", st)
@@ -1145,20 +1155,25 @@ func TestStoreQuestions(t *testing.T) {
 		f.userMsg(u, sid, "fb1", false)
 		f.userMsg(u, sid, "fb2", false)
 		q := f.ask(u, sid, "well?")
-		storeWantContents(t, "question feedback", q.Feedback, "fb1", "fb2")
 		if st, _ := f.answer(u, sid, q); st != questionOpen {
 			t.Errorf("state = %v: feedback before the question is not its answer", st)
 		}
-		if f.session(sid).ReadID.String != q.ID {
-			t.Error("pointer not moved to the question")
+		if f.session(sid).ReadID.String == q.ID {
+			t.Error("asking moved the pointer past feedback nobody was handed")
 		}
+		// The call that returns hands the feedback over, once.
+		o, err := f.s.questionOutcome(f.ctx, u, sid, q, time.Hour, true)
+		if err != nil || o.State != questionOpen {
+			t.Fatal(o.State, err)
+		}
+		storeWantContents(t, "question feedback", o.Feedback, "fb1", "fb2")
 		if msgs, _ := f.pending(u, sid, ""); len(msgs) != 0 {
 			t.Errorf("feedback delivered again: %q", storeContents(msgs))
 		}
 	})
 
 	t.Run("unknown session", func(t *testing.T) {
-		if _, err := f.s.askQuestion(f.ctx, u, newUUID(), "x?"); !errors.Is(err, errNotFound) {
+		if _, err := f.s.askQuestion(f.ctx, u, newUUID(), "x?", time.Hour); !errors.Is(err, errNotFound) {
 			t.Errorf("err = %v, want errNotFound", err)
 		}
 	})
@@ -1181,7 +1196,7 @@ func TestStoreConcurrentAsk(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			qs[i], errs[i] = f.s.askQuestion(f.ctx, u, sid, "same?")
+			qs[i], errs[i] = f.s.askQuestion(f.ctx, u, sid, "same?", time.Hour)
 		}()
 	}
 	close(start)
@@ -1248,11 +1263,11 @@ func TestStoreOtherUser(t *testing.T) {
 			return err
 		}, errNotFound},
 		{"pending", func() error {
-			_, _, err := f.s.pending(f.ctx, bob, sid, "")
+			_, _, _, err := f.s.pending(f.ctx, bob, sid, "")
 			return err
 		}, errNotFound},
 		{"pending with pointer", func() error {
-			_, _, err := f.s.pending(f.ctx, bob, sid, step.Message.ID)
+			_, _, _, err := f.s.pending(f.ctx, bob, sid, step.Message.ID)
 			return err
 		}, errNotFound},
 		{"requestInput", func() error {
@@ -1265,11 +1280,11 @@ func TestStoreOtherUser(t *testing.T) {
 		}, errNotFound},
 		{"endSession", func() error { return f.s.endSession(f.ctx, bob, sid) }, errNotFound},
 		{"askQuestion", func() error {
-			_, err := f.s.askQuestion(f.ctx, bob, sid, "alice's question?")
+			_, err := f.s.askQuestion(f.ctx, bob, sid, "alice's question?", time.Hour)
 			return err
 		}, errNotFound},
 		{"answer", func() error {
-			_, _, err := f.s.answer(f.ctx, bob, sid, q)
+			_, err := f.s.questionOutcome(f.ctx, bob, sid, q, time.Hour, true)
 			return err
 		}, errNotFound},
 	} {
@@ -1610,7 +1625,7 @@ func TestStoreHubWakesOnCommit(t *testing.T) {
 	if _, _, _, err := lockSession(f.ctx, tx, u, sid); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := insertAgentMessage(f.ctx, tx, u, agentMessage{SessionID: sid, Content: "x"}); err != nil {
+	if _, _, err := insertAgentMessage(f.ctx, tx, u, agentMessage{SessionID: sid, Content: "x"}, true); err != nil {
 		t.Fatal(err)
 	}
 	storeWantNoWake(t, "uncommitted", wakeS, 100*time.Millisecond)
@@ -1665,13 +1680,14 @@ func storeWaitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// storeWaiters starts n hub.wait calls on topic with check, and returns a
-// channel that receives each one's result.
+// storeWaiters starts n waits on topic with check, and returns a channel
+// that receives each one's result.
 func storeWaiters(h *hub, topic string, n int, check func() (bool, error)) <-chan error {
 	out := make(chan error, n)
+	a := &app{hub: h, stopping: context.Background()}
 	for range n {
 		go func() {
-			done, err := h.wait(context.Background(), topic, 20*time.Second, check)
+			done, err := a.wait(context.Background(), topic, 20*time.Second, check, 0, nil)
 			if err == nil && !done {
 				err = errors.New("wait ended without its condition")
 			}

@@ -6,6 +6,7 @@ package main
 // the page's static files, which hold no data.
 
 import (
+	"cmp"
 	"context"
 	"embed"
 	"encoding/base64"
@@ -32,18 +33,6 @@ const (
 
 // sessionStatuses are the statuses the schema allows (its CHECK list).
 var sessionStatuses = []string{"ACTIVE", "AWAITING_INPUT", "PAUSED", "STALE", "COMPLETED", "FAILED", "KILLED", "DISCONNECTED"}
-
-// cutChars returns s cut to at most n characters (not bytes).
-func cutChars(s string, n int) string {
-	i := 0
-	for pos := range s {
-		if i == n {
-			return s[:pos]
-		}
-		i++
-	}
-	return s
-}
 
 func timeJSON(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
@@ -128,30 +117,25 @@ func decodeCursor(v string) (*sessionCursor, error) {
 }
 
 func (a *app) handleSessions() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+	return handleJSON(a, func(r *http.Request, c caller, _ noBody) (any, error) {
 		q := r.URL.Query()
 		status := strings.ToUpper(q.Get("status"))
 		if status != "" && !slices.Contains(sessionStatuses, status) {
-			writeError(w, r, a.log, badRequestf("status must be one of %s", strings.Join(sessionStatuses, ", ")))
-			return
+			return nil, badRequestf("status must be one of %s", strings.Join(sessionStatuses, ", "))
 		}
 		limit, err := queryInt(r, "limit", defaultSessionsLimit, 1, maxSessionsLimit)
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
 		var cursor *sessionCursor
 		if v := q.Get("before"); v != "" {
 			if cursor, err = decodeCursor(v); err != nil {
-				writeError(w, r, a.log, err)
-				return
+				return nil, err
 			}
 		}
-		c, _ := callerFrom(r.Context())
 		list, err := a.store.listSessions(r.Context(), c.UserID, status, cursor, int(limit))
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
 		page := sessionsPage{Sessions: make([]sessionItemJSON, 0, len(list))}
 		for _, s := range list {
@@ -162,8 +146,8 @@ func (a *app) handleSessions() http.HandlerFunc {
 			next := encodeCursor(sessionCursor{last.LastActivityAt, last.ID})
 			page.NextBefore = &next
 		}
-		writeJSON(w, http.StatusOK, page)
-	}
+		return page, nil
+	})
 }
 
 // ---- GET /api/v1/sessions/{id}/messages ----
@@ -200,27 +184,22 @@ type timelineJSON struct {
 }
 
 func (a *app) handleSessionMessages() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		id, ok := parseUUID(r.PathValue("id"))
-		if !ok {
-			writeError(w, r, a.log, badRequestf("the session id must be a UUID"))
-			return
+	return handleJSON(a, func(r *http.Request, c caller, _ noBody) (any, error) {
+		id, err := uuidField("id", r.PathValue("id"))
+		if err != nil {
+			return nil, err
 		}
 		after, err := queryInt(r, "after", 0, 0, 1<<62)
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
 		limit, err := queryInt(r, "limit", defaultMessagesLimit, 1, maxMessagesLimit)
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
-		c, _ := callerFrom(r.Context())
 		tl, err := a.store.sessionMessages(r.Context(), c.UserID, id, after, int(limit))
 		if err != nil {
-			writeError(w, r, a.log, err)
-			return
+			return nil, err
 		}
 		out := timelineJSON{SessionID: tl.ID, AgentType: tl.AgentType, Status: tl.Status,
 			Messages: make([]timelineMessageJSON, 0, len(tl.Messages))}
@@ -234,8 +213,8 @@ func (a *app) handleSessionMessages() http.HandlerFunc {
 			next := tl.Messages[len(tl.Messages)-1].Seq
 			out.NextAfter = &next
 		}
-		writeJSON(w, http.StatusOK, out)
-	}
+		return out, nil
+	})
 }
 
 // ---- GET /api/v1/events ----
@@ -263,6 +242,7 @@ type eventStream struct {
 	// sessions is the state last sent (or known at start) of each session
 	// active within sessionWindow; a session event goes out when it changes.
 	sessions map[string]sessionSummary
+	started  bool // the response headers went out
 }
 
 // handleEvents streams the caller's new messages (event "message", id = seq)
@@ -284,90 +264,73 @@ type eventStream struct {
 // goes away or the server shuts down.
 func (a *app) handleEvents() http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		c, _ := callerFrom(r.Context())
-		ctx := r.Context()
-		cursor := int64(-1)
+		c, ok := callerFrom(r.Context())
+		if !ok {
+			writeUnauthorized(w, errNoKey)
+			return
+		}
+		ctx, release := a.keys.hold(r.Context(), c, 0)
+		defer release()
+		s := &eventStream{a: a, w: w, rc: http.NewResponseController(w), userID: c.UserID, cursor: -1,
+			sessions: map[string]sessionSummary{}}
 		if v := r.Header.Get("Last-Event-ID"); v != "" {
 			n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
 			if err != nil || n < 0 {
 				writeError(w, r, a.log, badRequestf("Last-Event-ID must be the id of an event of this stream"))
 				return
 			}
-			cursor = n
+			s.cursor = n
 		}
-		// Subscribe before the first read: a change committed in between
-		// wakes us rather than being lost.
-		wake, cancel := a.hub.subscribe("u:" + c.UserID)
-		defer cancel()
-		s := &eventStream{a: a, w: w, rc: http.NewResponseController(w), userID: c.UserID, cursor: cursor,
-			sessions: map[string]sessionSummary{}}
-		if s.cursor < 0 {
-			seq, err := a.store.latestSeq(ctx, c.UserID)
-			if err != nil {
-				writeError(w, r, a.log, err)
-				return
+		// The first catch-up runs inside the wait, after it subscribed: a
+		// change committed before the headers went out wakes it, not lost.
+		check := func() (bool, error) {
+			if !s.started {
+				if err := s.start(ctx); err != nil {
+					return false, err
+				}
 			}
-			s.cursor = seq
+			return false, s.catchUp(ctx)
 		}
-		recent, err := a.store.recentSessions(ctx, c.UserID, sessionWindow)
-		if err != nil {
+		every := cmp.Or(a.eventsKeepalive, eventsKeepalive)
+		keepalive := func() error { return s.write([]byte(": keepalive\n\n")) }
+		_, err := a.wait(ctx, "u:"+c.UserID, 0, check, every, keepalive)
+		switch {
+		case !s.started:
 			writeError(w, r, a.log, err)
-			return
-		}
-		for _, ss := range recent {
-			s.sessions[ss.ID] = ss
-		}
-
-		h := w.Header()
-		h.Set("Content-Type", "text/event-stream")
-		h.Set("Cache-Control", "no-store")
-		h.Set("X-Accel-Buffering", "no") // nginx: pass each event on at once
-		w.WriteHeader(http.StatusOK)
-		ready, _ := json.Marshal(map[string]int64{"cursor": s.cursor})
-		if err := s.send("ready", strconv.FormatInt(s.cursor, 10), ready); err != nil {
-			return
-		}
-
-		every := a.eventsKeepalive
-		if every <= 0 {
-			every = eventsKeepalive
-		}
-		keepalive := time.NewTicker(every)
-		defer keepalive.Stop()
-		recheck := time.NewTicker(safetyRecheck)
-		defer recheck.Stop()
-		// waitForChange reports whether something may have changed; false
-		// means the stream ends.
-		waitForChange := func() bool {
-			for {
-				select {
-				case <-wake:
-					return true
-				case <-recheck.C:
-					return true
-				case <-keepalive.C:
-					if err := s.write([]byte(": keepalive\n\n")); err != nil {
-						return false
-					}
-				case <-ctx.Done():
-					return false
-				case <-a.stopping.Done():
-					return false
-				}
-			}
-		}
-		for {
-			if err := s.catchUp(ctx); err != nil {
-				if ctx.Err() == nil && a.stopping.Err() == nil && !isWriteError(err) {
-					a.log.Warn("event stream ended", "err", err)
-				}
-				return
-			}
-			if !waitForChange() {
-				return
-			}
+		case errors.Is(err, errKeyRevoked):
+			detail, _ := json.Marshal(errorBody{errKeyRevoked.msg})
+			s.send("error", "", detail)
+		case ctx.Err() == nil && !errors.Is(err, errShuttingDown) && !isWriteError(err):
+			a.log.Warn("event stream ended", "err", err)
 		}
 	}
+}
+
+// start reads where the stream begins and sends the response headers and
+// the "ready" event.
+func (s *eventStream) start(ctx context.Context) error {
+	if s.cursor < 0 {
+		seq, err := s.a.store.latestSeq(ctx, s.userID)
+		if err != nil {
+			return err
+		}
+		s.cursor = seq
+	}
+	recent, err := s.a.store.recentSessions(ctx, s.userID, sessionWindow)
+	if err != nil {
+		return err
+	}
+	for _, ss := range recent {
+		s.sessions[ss.ID] = ss
+	}
+	h := s.w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Accel-Buffering", "no") // nginx: pass each event on at once
+	s.w.WriteHeader(http.StatusOK)
+	s.started = true
+	ready, _ := json.Marshal(map[string]int64{"cursor": s.cursor})
+	return s.send("ready", strconv.FormatInt(s.cursor, 10), ready)
 }
 
 // writeFailed marks an error writing to the client (it went away or stalled).

@@ -1,0 +1,233 @@
+package main
+
+// hub.go is how a waiting call learns that something changed: one LISTEN
+// connection per process, and the one wait loop every long wait runs
+// (ask_question, pending?wait=, the event stream).
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// hub wakes waiters when the database says something changed. One
+// pq.Listener connection per process LISTENs on notifyChannel; the store
+// NOTIFYs inside the transaction that adds a message or changes a session,
+// so a wake-up is delivered at commit, to every replica. A waiter holds no
+// database connection: it is a channel in a map until it is woken, then it
+// re-reads the database itself.
+type hub struct {
+	listener *pq.Listener
+	log      *slog.Logger
+	pinging  atomic.Bool
+
+	mu     sync.Mutex
+	topics map[string]map[chan struct{}]struct{} // "s:"+session or "u:"+user
+	count  int
+	done   chan struct{}
+}
+
+// newHub connects the listener to dsn and starts dispatching. It returns once
+// LISTEN is in effect, so no notification committed after it is missed, or
+// when ctx ends (the database may be unreachable: the listener retries for
+// ever, so start-up must be able to give up).
+func newHub(ctx context.Context, dsn string, log *slog.Logger) (*hub, error) {
+	h := &hub{log: log, topics: map[string]map[chan struct{}]struct{}{}, done: make(chan struct{})}
+	h.listener = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
+		switch ev {
+		case pq.ListenerEventDisconnected:
+			log.Warn("wait hub: listener disconnected", "err", err)
+		case pq.ListenerEventReconnected:
+			log.Info("wait hub: listener reconnected")
+		}
+	})
+	listening := make(chan error, 1)
+	go func() { listening <- h.listener.Listen(notifyChannel) }()
+	select {
+	case err := <-listening:
+		if err != nil {
+			h.listener.Close()
+			return nil, fmt.Errorf("wait hub: listen: %w", err)
+		}
+	case <-ctx.Done():
+		h.listener.Close() // Listen returns once the listener is closed
+		return nil, fmt.Errorf("wait hub: listen: %w", ctx.Err())
+	}
+	go h.run()
+	return h, nil
+}
+
+func (h *hub) run() {
+	defer close(h.done)
+	ping := time.NewTicker(10 * time.Second)
+	defer ping.Stop()
+	for {
+		select {
+		case n, ok := <-h.listener.NotificationChannel():
+			if !ok {
+				return
+			}
+			if n == nil {
+				// The connection was lost and is back: notifications sent in
+				// between are gone, so everyone re-checks.
+				h.wakeAll()
+				continue
+			}
+			// The payload is "KIND USER SESSION SEQ".
+			if f := strings.Fields(n.Extra); len(f) == 4 {
+				h.wake("u:" + f[1])
+				h.wake("s:" + f[2])
+			}
+		case <-ping.C:
+			// A dead connection is noticed here at the latest; the listener
+			// then reconnects and the nil notification above wakes everyone.
+			// One ping at a time: a ping hung on a dead connection must not
+			// pile up a goroutine every tick.
+			if h.pinging.CompareAndSwap(false, true) {
+				go func() {
+					defer h.pinging.Store(false)
+					h.listener.Ping()
+				}()
+			}
+		}
+	}
+}
+
+// wake wakes the waiters of topic.
+func (h *hub) wake(topic string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	wakeSet(h.topics[topic])
+}
+
+// wakeAll wakes every waiter.
+func (h *hub) wakeAll() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, set := range h.topics {
+		wakeSet(set)
+	}
+}
+
+func wakeSet(set map[chan struct{}]struct{}) {
+	for ch := range set {
+		select {
+		case ch <- struct{}{}:
+		default: // already has a wake-up pending
+		}
+	}
+}
+
+// subscribe registers a waiter on topic ("s:"+session or "u:"+user). The
+// returned channel receives a value after every change to it (changes close
+// together may be folded into one). Subscribe before reading the database,
+// then wait: a change committed in between is not missed. cancel must be
+// called when done.
+func (h *hub) subscribe(topic string) (wake <-chan struct{}, cancel func()) {
+	ch := make(chan struct{}, 1)
+	h.mu.Lock()
+	set := h.topics[topic]
+	if set == nil {
+		set = map[chan struct{}]struct{}{}
+		h.topics[topic] = set
+	}
+	set[ch] = struct{}{}
+	h.count++
+	h.mu.Unlock()
+	var once sync.Once
+	return ch, func() {
+		once.Do(func() {
+			h.mu.Lock()
+			delete(set, ch)
+			if len(set) == 0 && len(h.topics[topic]) == 0 {
+				delete(h.topics, topic)
+			}
+			h.count--
+			h.mu.Unlock()
+		})
+	}
+}
+
+// waiters returns the number of registered waiters.
+func (h *hub) waiters() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.count
+}
+
+// close stops the listener and wakes every waiter so it can notice shutdown.
+func (h *hub) close() {
+	h.listener.Close()
+	<-h.done
+	h.wakeAll()
+}
+
+// safetyRecheck is how often a waiter re-reads the database even when no
+// notification came: the last line of defence against a lost wake-up.
+const safetyRecheck = 30 * time.Second
+
+// errShuttingDown ends waits when the server stops.
+var errShuttingDown = errors.New("server is shutting down")
+
+// wait is the one wait loop of agentline. It blocks until check reports
+// done, limit passes (not done, no error; limit <= 0 means no limit), ctx
+// ends (its cause: errKeyRevoked when the caller's key was revoked) or the
+// server shuts down (errShuttingDown). check runs at once, after every
+// wake-up of topic and every safetyRecheck; idle, if not nil, runs every
+// idleEvery while nothing else happens, and its error ends the wait. While
+// it waits, wait holds no database connection.
+func (a *app) wait(ctx context.Context, topic string, limit time.Duration, check func() (bool, error), idleEvery time.Duration, idle func() error) (bool, error) {
+	wake, cancel := a.hub.subscribe(topic)
+	defer cancel()
+	var deadline <-chan time.Time
+	if limit > 0 {
+		t := time.NewTimer(limit)
+		defer t.Stop()
+		deadline = t.C
+	}
+	recheck := time.NewTicker(safetyRecheck)
+	defer recheck.Stop()
+	var idleTick <-chan time.Time
+	if idle != nil {
+		t := time.NewTicker(idleEvery)
+		defer t.Stop()
+		idleTick = t.C
+	}
+	for {
+		done, err := check()
+		if err != nil && ctx.Err() != nil {
+			// The check failed because the wait was ended (a revoked key,
+			// say): report why it ended.
+			return false, context.Cause(ctx)
+		}
+		if done || err != nil {
+			return done, err
+		}
+	waiting:
+		for {
+			select {
+			case <-wake:
+				break waiting
+			case <-recheck.C:
+				break waiting
+			case <-idleTick:
+				if err := idle(); err != nil {
+					return false, err
+				}
+			case <-deadline:
+				return false, nil
+			case <-ctx.Done():
+				return false, context.Cause(ctx)
+			case <-a.stopping.Done():
+				return false, errShuttingDown
+			}
+		}
+	}
+}

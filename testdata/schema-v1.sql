@@ -1,0 +1,95 @@
+-- agentline schema. Applied at every start-up and by `agentline migrate`
+-- under an advisory lock; every statement is idempotent, so running it again
+-- (or from two processes at once) changes nothing. Table and column names
+-- follow Omnara's where Omnara has them.
+
+CREATE TABLE IF NOT EXISTS users (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    email        text NOT NULL UNIQUE,
+    display_name text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per user and agent type ("claude-code", "cursor", …); names are
+-- folded to lower case before they get here.
+CREATE TABLE IF NOT EXISTS user_agents (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id    uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    name       text NOT NULL CHECK (name <> '' AND name = lower(name)),
+    is_active  boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (user_id, name)
+);
+
+-- A session. user_id is repeated here (it is also reachable through
+-- user_agent_id) so that every query can scope by owner in its WHERE clause.
+CREATE TABLE IF NOT EXISTS agent_instances (
+    id                   uuid PRIMARY KEY,
+    user_agent_id        uuid NOT NULL REFERENCES user_agents (id) ON DELETE CASCADE,
+    user_id              uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    status               text NOT NULL DEFAULT 'ACTIVE'
+                         CHECK (status IN ('ACTIVE', 'AWAITING_INPUT', 'PAUSED', 'STALE',
+                                           'COMPLETED', 'FAILED', 'KILLED', 'DISCONNECTED')),
+    started_at           timestamptz NOT NULL DEFAULT now(),
+    ended_at             timestamptz,
+    -- The read pointer: the newest message the agent has seen. User messages
+    -- with a larger seq are its pending feedback. last_read_seq is the
+    -- pointer's seq, kept beside it so no lookup is needed (0 = nothing read).
+    last_read_message_id uuid,
+    last_read_seq        bigint NOT NULL DEFAULT 0,
+    -- Agent messages so far, so log_step's step_number costs no scan.
+    step_count           integer NOT NULL DEFAULT 0,
+    -- The newest question whose answer an ask_question call has returned:
+    -- asking the same text again after that is a new question, not a resume.
+    answered_question_seq bigint NOT NULL DEFAULT 0,
+    last_activity_at     timestamptz NOT NULL DEFAULT now(),
+    git_diff             text
+);
+
+CREATE INDEX IF NOT EXISTS agent_instances_user_activity
+    ON agent_instances (user_id, last_activity_at DESC, id DESC);
+
+-- The order of messages. A message takes its seq while its transaction holds
+-- the session's row lock and its user's advisory lock, so seq order is commit
+-- order for each user: never a client's or a server's clock.
+CREATE SEQUENCE IF NOT EXISTS message_seq;
+
+CREATE TABLE IF NOT EXISTS messages (
+    id                  uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    seq                 bigint NOT NULL UNIQUE DEFAULT nextval('message_seq'),
+    agent_instance_id   uuid NOT NULL REFERENCES agent_instances (id) ON DELETE CASCADE,
+    user_id             uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    sender_type         text NOT NULL CHECK (sender_type IN ('AGENT', 'USER')),
+    content             text NOT NULL,
+    requires_user_input boolean NOT NULL DEFAULT false,
+    send_email          boolean,
+    send_sms            boolean,
+    send_push           boolean,
+    created_at          timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS messages_instance_seq ON messages (agent_instance_id, seq);
+CREATE INDEX IF NOT EXISTS messages_user_seq ON messages (user_id, seq);
+
+-- API keys. The token itself is never stored: only the SHA-256 of the whole
+-- token (hex), which is how a request finds its row.
+CREATE TABLE IF NOT EXISTS api_keys (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id      uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    name         text NOT NULL DEFAULT '',
+    api_key_hash text NOT NULL UNIQUE,
+    is_active    boolean NOT NULL DEFAULT true,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz,
+    last_used_at timestamptz
+);
+
+-- Key scopes (added after the first release, so existing databases upgrade
+-- in place): 'agent' keys write; 'person' keys may also read a user's history.
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS scope text NOT NULL DEFAULT 'agent';
+DO $$ BEGIN
+    ALTER TABLE api_keys ADD CONSTRAINT api_keys_scope_check CHECK (scope IN ('agent', 'person'));
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
