@@ -191,13 +191,16 @@ func newTestEnvOn(t testing.TB, dsn string, signer crypto.Signer, opts ...envOpt
 	a := &app{store: st, hub: h, log: log, stopping: stopping,
 		cfg:      config{questionTimeout: 24 * time.Hour, callLimit: 280 * time.Second},
 		verifier: &verifier{keys: []publicKey{pub}, store: st, log: log, now: time.Now}}
+	a.notify = newNotifier(st, h, log, "http://inbox.test", true) // notifications (issue 11): loopback receivers allowed
 	for _, o := range opts {
 		o(a)
 	}
 	a.mcp = newMCPServer(a)
+	a.notify.start() // notifications (issue 11)
 	srv := httptest.NewServer(a.routes())
 	t.Cleanup(func() {
 		stop()
+		a.notify.stop() // notifications (issue 11)
 		srv.CloseClientConnections()
 		srv.Close()
 		h.close()
