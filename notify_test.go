@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -114,7 +115,7 @@ func mustAsk(t testing.TB, e *testEnv, key, session, text string) string {
 	code, b := e.call(t, "POST", "/api/v1/messages/agent", key, map[string]any{
 		"agent_instance_id": session, "agent_type": "claude-code", "content": text, "requires_user_input": true})
 	if code != http.StatusOK {
-		t.Fatalf("ask: %d %s", code, b)
+		t.Fatalf("ask: %d %s\nlog:\n%s", code, b, e.logs.String())
 	}
 	return mustJSON(t, b)["message_id"].(string)
 }
@@ -737,4 +738,188 @@ func TestNotifyIdle(t *testing.T) {
 	// the worker sleeps until a NOTIFY or its 60 s safety re-check.
 	probe := perfProbe(t)
 	perfWaitQuiet(t, probe, perfDBName(t, e.db), 5*time.Second, 20*time.Second)
+}
+
+// TestNotifyCLI: agentline notify add, list, test and remove, as an
+// operator runs them.
+func TestNotifyCLI(t *testing.T) {
+	t.Parallel()
+	_, dsn := mustDB(t)
+	rc := newReceiver(t, nil)
+	cli := func(allowPrivate bool, args ...string) (string, error) {
+		env := map[string]string{"DATABASE_URL": dsn, "PUBLIC_URL": "https://inbox.example.com"}
+		if allowPrivate {
+			env["NOTIFY_ALLOW_PRIVATE"] = "1"
+		}
+		var out, errw strings.Builder
+		err := run(context.Background(), append([]string{"agentline", "notify"}, args...), func(k string) string { return env[k] }, &out, &errw)
+		return out.String(), err
+	}
+	out, err := cli(true, "add", "-user", "cli@example.com", "-kind", "webhook", "-url", rc.URL+"/h", "-events", "question.asked,session.ended")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if err != nil || len(lines) != 2 || !strings.HasPrefix(lines[0], "id=") || !strings.HasPrefix(lines[1], "secret=whsec_") {
+		t.Fatalf("add: %q %v", out, err)
+	}
+	id := strings.TrimPrefix(lines[0], "id=")
+	secret := strings.TrimPrefix(lines[1], "secret=")
+	out, err = cli(true, "list", "-user", "cli@example.com")
+	if err != nil || !strings.Contains(out, id) || !strings.Contains(out, "question.asked,session.ended") || strings.Contains(out, "whsec_") {
+		t.Errorf("list: %q %v", out, err)
+	}
+	out, err = cli(true, "test", id)
+	if err != nil || strings.TrimSpace(out) != "delivered: HTTP 200" {
+		t.Errorf("test: %q %v", out, err)
+	}
+	if r := rc.requests(); len(r) != 1 {
+		t.Fatalf("%d test requests", len(r))
+	} else if wh, _ := standardwebhooks.NewWebhook(secret); wh.Verify(r[0].body, r[0].header) != nil ||
+		!strings.Contains(string(r[0].body), `"type":"test"`) || !strings.Contains(string(r[0].body), "https://inbox.example.com/") {
+		t.Errorf("test request %s", r[0].body)
+	}
+	if _, err := cli(false, "test", id); err == nil || !strings.Contains(err.Error(), "loopback") {
+		t.Errorf("test without NOTIFY_ALLOW_PRIVATE: %v", err)
+	}
+	if _, err := cli(false, "add", "-user", "cli@example.com", "-kind", "ntfy", "-url", "http://127.0.0.1/t"); err == nil || !strings.Contains(err.Error(), "NOTIFY_ALLOW_PRIVATE") {
+		t.Errorf("add a loopback URL: %v", err)
+	}
+	if out, err := cli(true, "remove", id); err != nil || strings.TrimSpace(out) != "removed" {
+		t.Errorf("remove: %q %v", out, err)
+	}
+	if _, err := cli(true, "remove", id); err == nil {
+		t.Error("second remove succeeded")
+	}
+	out, _ = cli(true, "list", "-user", "cli@example.com")
+	if strings.Contains(out, id) {
+		t.Errorf("list after remove: %q", out)
+	}
+}
+
+// TestNotifyKillBeforeDelivery: the real binary is killed with SIGKILL
+// while its first attempt at a question's notification hangs at the
+// receiver; restarted, it delivers the notification, once: one webhook-id,
+// one successful request.
+func TestNotifyKillBeforeDelivery(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	t.Parallel()
+	db, dsn := mustDB(t)
+	pub, signer := perfKeys(t)
+	bin := perfBuildBinary(t)
+	release := make(chan struct{})
+	rc := newReceiver(t, func(i int, r *http.Request) (int, http.Header) {
+		if i == 0 { // hangs until its sender dies
+			select {
+			case <-r.Context().Done():
+			case <-release:
+			}
+			return http.StatusServiceUnavailable, nil
+		}
+		return http.StatusOK, nil
+	})
+	t.Cleanup(func() { close(release) }) // before the receiver closes
+	ctx := context.Background()
+	st := &store{db: db}
+	key, err := issueKey(ctx, st, signer, "kill@example.com", "kill", scopeAgent, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	userID := mustUserIDOf(t, st, "kill@example.com")
+	ch, err := checkChannel(channelRequest{Kind: ptr("webhook"), URL: ptr(rc.URL + "/hook")}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ch, err = st.createChannel(ctx, userID, ch); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"DATABASE_URL=" + dsn, "JWT_PUBLIC_KEY=" + pub, "NOTIFY_ALLOW_PRIVATE=1"}
+	p1 := perfStartServer(t, bin, env...)
+	code, body, err := perfDo(ctx, perfClient(), "POST", p1.url+"/api/v1/messages/agent", key, map[string]any{
+		"agent_instance_id": newUUID(), "agent_type": "claude-code", "content": "Still there?", "requires_user_input": true})
+	if err != nil || code != 200 {
+		t.Fatalf("ask: %d %v %v", code, body, err)
+	}
+	notifyWaitFor(t, "the first attempt", 10*time.Second, func() bool { return rc.count() >= 1 })
+	p1.cmd.Process.Kill() // SIGKILL: no shutdown code runs
+	<-p1.done
+	killed := time.Now()
+	perfStartServer(t, bin, env...)
+	notifyWaitFor(t, "the notification after the restart", 60*time.Second, func() bool {
+		for _, r := range rc.requests() {
+			if r.status == http.StatusOK {
+				return true
+			}
+		}
+		return false
+	})
+	t.Logf("delivered %v after the kill (the killed attempt's lease is %v)", time.Since(killed).Round(time.Millisecond), notifyLease)
+	time.Sleep(500 * time.Millisecond)
+	ids, ok := map[string]bool{}, 0
+	for _, r := range rc.requests() {
+		ids[r.header.Get("webhook-id")] = true
+		if r.status == http.StatusOK {
+			ok++
+		}
+	}
+	if len(ids) != 1 || ok != 1 {
+		t.Errorf("%d requests, %d webhook-ids, %d answered 200; want one id, delivered once", rc.count(), len(ids), ok)
+	}
+	var status string
+	db.QueryRow(`SELECT status FROM notification_deliveries WHERE channel_id = $1`, ch.ID).Scan(&status)
+	if status != "sent" {
+		t.Errorf("delivery status %q", status)
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func mustUserIDOf(t testing.TB, st *store, email string) string {
+	t.Helper()
+	id, err := st.ensureUser(context.Background(), email)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// BenchmarkNotifyLatency: from a question's commit to the receiver having
+// the webhook request, on loopback. Run with -benchtime 300x for the
+// README's numbers.
+func BenchmarkNotifyLatency(b *testing.B) {
+	e := newTestEnv(b, withNotifier(func(n *notifier) { n.limits.perWindow = 1 << 30 }))
+	person := e.mustKey(b, "bench@example.com", scopePerson)
+	got := make(chan time.Time, 1)
+	rc := newReceiver(b, func(int, *http.Request) (int, http.Header) {
+		got <- time.Now()
+		return http.StatusOK, nil
+	})
+	mustChannel(b, e, person, map[string]any{"kind": "webhook", "url": rc.URL})
+	userID := e.mustUserID(b, "bench@example.com")
+	session := newUUID()
+	ctx := context.Background()
+	if _, err := e.a.store.addAgentMessage(ctx, userID, agentMessage{SessionID: session, AgentType: "bench", Content: "start"}); err != nil {
+		b.Fatal(err)
+	}
+	lat := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := e.a.store.addAgentMessage(ctx, userID, agentMessage{SessionID: session, Content: fmt.Sprintf("q%d", i), RequiresUserInput: true}); err != nil {
+			b.Fatal(err)
+		}
+		committed := time.Now()
+		select {
+		case at := <-got:
+			lat = append(lat, at.Sub(committed))
+		case <-time.After(10 * time.Second):
+			b.Fatal("no notification within 10 s")
+		}
+	}
+	b.StopTimer()
+	slices.Sort(lat)
+	pct := func(p float64) float64 {
+		return float64(lat[min(len(lat)-1, int(p*float64(len(lat))))].Microseconds()) / 1000
+	}
+	b.ReportMetric(pct(0.50), "p50-ms")
+	b.ReportMetric(pct(0.99), "p99-ms")
+	b.ReportMetric(float64(lat[len(lat)-1].Microseconds())/1000, "max-ms")
 }
