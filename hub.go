@@ -80,8 +80,11 @@ func (h *hub) run() {
 				h.wakeAll()
 				continue
 			}
-			// The payload is "KIND USER SESSION SEQ".
-			if f := strings.Fields(n.Extra); len(f) == 4 {
+			// The payload is "KIND USER SESSION SEQ"; kind "o": the
+			// notification outbox has new rows.
+			if f := strings.Fields(n.Extra); len(f) == 4 && f[0] == "o" {
+				h.wake(outboxTopic)
+			} else if len(f) == 4 {
 				h.wake("u:" + f[1])
 				h.wake("s:" + f[2])
 			}
@@ -155,11 +158,15 @@ func (h *hub) subscribe(topic string) (wake <-chan struct{}, cancel func()) {
 	}
 }
 
-// waiters returns the number of registered waiters.
+// outboxTopic wakes the notification worker when the outbox has new rows.
+const outboxTopic = "outbox"
+
+// waiters returns the number of calls waiting (the notification worker's
+// subscription is not one).
 func (h *hub) waiters() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.count
+	return h.count - len(h.topics[outboxTopic])
 }
 
 // close stops the listener and wakes every waiter so it can notice shutdown.

@@ -42,6 +42,9 @@ type config struct {
 	questionTimeout time.Duration
 	callLimit       time.Duration // 0: an ask_question call waits up to questionTimeout
 	keyRecheck      time.Duration // how often a long-lived connection's key is checked again
+	// notifications (issue 11)
+	publicURL          string // PUBLIC_URL: where people reach the inbox, for links ("" until serve knows the port)
+	notifyAllowPrivate bool   // NOTIFY_ALLOW_PRIVATE=1: channels may reach private addresses
 }
 
 // loadConfig reads and checks the environment; a value that does not parse
@@ -83,6 +86,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		// A revoked key must not keep a connection open for longer.
 		return c, errors.New("KEY_RECHECK must be positive and at most 1m")
 	}
+	if err := loadNotifyConfig(getenv, &c); err != nil { // notifications (issue 11)
+		return c, err
+	}
 	return c, nil
 }
 
@@ -108,7 +114,9 @@ const usage = `usage:
   agentline keygen -dir D           write an Ed25519 key pair to D
   agentline token -user EMAIL [-name N] [-ttl 720h] [-scope agent|person]
                                     register a new API key and print it
-  agentline revoke KEY_OR_ID        revoke an API key`
+  agentline revoke KEY_OR_ID        revoke an API key
+  agentline notify add|list|remove|test …
+                                    manage notification channels (agentline notify for help)`
 
 // run is agentline: main with its outside world passed in.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -141,6 +149,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return runToken(ctx, cfg, rest, stdout, stderr)
 	case "revoke":
 		return runRevoke(ctx, cfg, rest, stderr)
+	case "notify": // notifications (issue 11)
+		return runNotify(ctx, cfg, rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprintln(stdout, usage)
 		return nil
@@ -331,6 +341,7 @@ type app struct {
 	cfg      config
 	stopping context.Context // done when the server begins to shut down
 	mcp      *mcpServer
+	notify   *notifier // notifications (issue 11)
 	// progressEvery overrides how often ask_question reports progress
 	// (tests shorten it); zero means the default.
 	progressEvery time.Duration
@@ -372,6 +383,10 @@ func (a *app) routes() http.Handler {
 	mux.Handle("GET /api/v1/sessions", person(a.handleSessions()))
 	mux.Handle("GET /api/v1/sessions/{id}/messages", person(a.handleSessionMessages()))
 	mux.Handle("GET /api/v1/events", person(a.handleEvents()))
+	mux.Handle("GET /api/v1/notification-channels", person(a.handleListChannels()))
+	mux.Handle("POST /api/v1/notification-channels", person(a.handleCreateChannel()))
+	mux.Handle("DELETE /api/v1/notification-channels/{id}", person(a.handleDeleteChannel()))
+	mux.Handle("POST /api/v1/notification-channels/{id}/test", person(a.handleTestChannel()))
 	mux.Handle("GET /{$}", page) // the inbox page: no auth, it holds no data
 	mux.Handle("GET /app.js", page)
 	mux.Handle("GET /app.css", page)
@@ -430,6 +445,8 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, stdout, stderr io.
 	defer beginStop()
 	srv := newHTTPServer(a.routes(), log)
 	port := ln.Addr().(*net.TCPAddr).Port
+	a.notify = startNotifier(a, port) // notifications (issue 11)
+	defer a.notify.stop()
 	if firstRun {
 		if err := printFirstRun(ctx, st, cfg, port, stdout); err != nil {
 			return err

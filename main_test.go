@@ -187,10 +187,14 @@ func newTestEnvOn(t testing.TB, dsn string, signer crypto.Signer, opts ...envOpt
 	}
 	pub := publicKey{key: signer.Public(), alg: "EdDSA", kid: fingerprint(signer.Public())}
 	cfg := config{questionTimeout: 24 * time.Hour, callLimit: 280 * time.Second, keyRecheck: time.Minute}
-	a, stop := newApp(&store{db: db}, h, []publicKey{pub}, cfg, log, opts...)
+	// The notifier first, so options can adjust it; loopback receivers allowed.
+	withNotifier := func(a *app) { a.notify = newNotifier(a.store, h, log, "http://inbox.test", true) }
+	a, stop := newApp(&store{db: db}, h, []publicKey{pub}, cfg, log, append([]envOption{withNotifier}, opts...)...)
+	a.notify.start() // notifications (issue 11)
 	srv := httptest.NewServer(a.routes())
 	t.Cleanup(func() {
 		stop()
+		a.notify.stop() // notifications (issue 11)
 		srv.CloseClientConnections()
 		srv.Close()
 		h.close()

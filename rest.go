@@ -207,10 +207,13 @@ func cutChars(s string, n int) string {
 // noBody is the input of a JSON handler that reads no request body.
 type noBody struct{}
 
+// created is a JSON handler's answer that made something: 201, not 200.
+type created struct{ v any }
+
 // handleJSON is the shape of every JSON handler: the verified caller (a
 // request without one is refused: 401, never a 500), the decoded body (unless
-// In is noBody), fn, and one exit that writes fn's answer with 200 or its
-// error with its status.
+// In is noBody), fn, and one exit that writes fn's answer with 200 (201 for
+// created) or its error with its status.
 func handleJSON[In any](a *app, fn func(r *http.Request, c caller, in In) (any, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		c, ok := callerFrom(r.Context())
@@ -228,6 +231,10 @@ func handleJSON[In any](a *app, fn func(r *http.Request, c caller, in In) (any, 
 		out, err := fn(r, c, in)
 		if err != nil {
 			writeError(w, r, a.log, err)
+			return
+		}
+		if c, ok := out.(created); ok {
+			writeJSON(w, http.StatusCreated, c.v)
 			return
 		}
 		writeJSON(w, http.StatusOK, out)

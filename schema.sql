@@ -115,3 +115,76 @@ DO $$ BEGIN
     ALTER TABLE api_keys ADD CONSTRAINT api_keys_scope_check CHECK (scope IN ('agent', 'person'));
 EXCEPTION WHEN duplicate_object THEN NULL;
 END $$;
+
+-- ---- notifications (issue 11) ----
+
+-- Where a user's notifications go. token (an ntfy access token) and secret
+-- (a webhook's signing secret) are kept only to send with; the API never
+-- returns them after creation. window_* is the per-channel flood limit: how
+-- many requests were started in the window that began at window_start.
+CREATE TABLE IF NOT EXISTS notification_channels (
+    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id          uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    kind             text NOT NULL CHECK (kind IN ('ntfy', 'webhook')),
+    url              text NOT NULL,
+    token            text,
+    secret           text,
+    events           text[] NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    last_delivery_at timestamptz,
+    last_error       text,
+    failures         integer NOT NULL DEFAULT 0,
+    window_start     timestamptz,
+    window_sent      integer NOT NULL DEFAULT 0
+);
+
+CREATE INDEX IF NOT EXISTS notification_channels_user ON notification_channels (user_id, created_at);
+
+-- What happened, written in the same transaction as the question, message
+-- or session change it reports (the transactional outbox). kind is
+-- question.asked, message.flagged, session.ended or summary (the "N more
+-- waiting" of a flooded channel). The unique indexes make "one notification
+-- per question" a property of the database, not of the callers.
+CREATE TABLE IF NOT EXISTS notification_events (
+    id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id    uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    session_id uuid REFERENCES agent_instances (id) ON DELETE CASCADE,
+    kind       text NOT NULL,
+    message_id uuid REFERENCES messages (id) ON DELETE CASCADE,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS notification_events_message
+    ON notification_events (message_id, kind) WHERE message_id IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS notification_events_session_ended
+    ON notification_events (session_id) WHERE kind = 'session.ended';
+
+-- One row per (event, channel): the unit a worker claims, sends and
+-- retries. Its id is the webhook-id, the same on every retry.
+-- next_attempt_at is also the lease of a claimed row: a worker that dies
+-- mid-attempt leaves it pending, and it is tried again when the lease ends.
+-- A row over its channel's flood limit is 'folded' into a summary row
+-- (summary_id); folded_count is the number a summary reports.
+CREATE TABLE IF NOT EXISTS notification_deliveries (
+    id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    event_id        uuid NOT NULL REFERENCES notification_events (id) ON DELETE CASCADE,
+    channel_id      uuid NOT NULL REFERENCES notification_channels (id) ON DELETE CASCADE,
+    user_id         uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    status          text NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'sent', 'failed', 'folded')),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_error      text,
+    sent_at         timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    summary_id      uuid,
+    folded_count    integer NOT NULL DEFAULT 0,
+    UNIQUE (event_id, channel_id)
+);
+
+CREATE INDEX IF NOT EXISTS notification_deliveries_due
+    ON notification_deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS notification_deliveries_summary
+    ON notification_deliveries (summary_id) WHERE summary_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS notification_deliveries_channel
+    ON notification_deliveries (channel_id);

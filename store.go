@@ -383,6 +383,9 @@ func insertAgentMessage(ctx context.Context, tx *sql.Tx, userID string, in agent
 	if err != nil {
 		return message{}, 0, fmt.Errorf("insert agent message: %w", err)
 	}
+	if err := enqueueNotificationForAgentMessage(ctx, tx, userID, in, m.ID); err != nil { // notifications (issue 11)
+		return message{}, 0, err
+	}
 	return m, steps, nil
 }
 
@@ -525,6 +528,9 @@ func (s *store) requestInput(ctx context.Context, userID, messageID string) (ses
 		if n, _ := res.RowsAffected(); n == 0 {
 			return errConflict
 		}
+		if err := enqueueNotification(ctx, tx, userID, sessionID, eventQuestionAsked, messageID); err != nil { // notifications (issue 11)
+			return err
+		}
 		if !readID.Valid || readID.String != messageID {
 			stale = true
 		} else if msgs, err = feedbackAfter(ctx, tx, userID, sessionID, readSeq); err != nil {
@@ -567,6 +573,9 @@ func (s *store) endSession(ctx context.Context, userID, sessionID string) error 
 		}
 		if n, _ := res.RowsAffected(); n == 0 {
 			return errNotFound
+		}
+		if err := enqueueNotification(ctx, tx, userID, sessionID, eventSessionEnded, ""); err != nil { // notifications (issue 11)
+			return err
 		}
 		return notifySession(ctx, tx, userID, sessionID)
 	})
@@ -889,4 +898,485 @@ func isUnavailable(err error) bool {
 	return errors.As(err, &netErr) || errors.Is(err, driver.ErrBadConn) || errors.Is(err, io.EOF) ||
 		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNREFUSED) ||
 		errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, sql.ErrConnDone)
+}
+
+// ---- notifications (issue 11) ----
+
+// Notification event kinds. eventSummary is the "N more waiting" a
+// flooded channel gets instead of the events over its limit.
+const (
+	eventQuestionAsked  = "question.asked"
+	eventSessionEnded   = "session.ended"
+	eventMessageFlagged = "message.flagged"
+	eventSummary        = "summary"
+	eventTest           = "test"
+)
+
+// maxChannelsPerUser bounds the fan-out of one event (and the work one user
+// can make the workers do).
+const maxChannelsPerUser = 20
+
+// errTooManyChannels: the user has maxChannelsPerUser channels already.
+var errTooManyChannels = errors.New("too many notification channels")
+
+// enqueueNotificationForAgentMessage is insertAgentMessage's hook: a
+// question becomes question.asked, any other message with send_email,
+// send_sms or send_push set becomes message.flagged (what the flags meant in
+// Omnara).
+func enqueueNotificationForAgentMessage(ctx context.Context, tx *sql.Tx, userID string, in agentMessage, messageID string) error {
+	flagged := func(b *bool) bool { return b != nil && *b }
+	switch {
+	case in.RequiresUserInput:
+		return enqueueNotification(ctx, tx, userID, in.SessionID, eventQuestionAsked, messageID)
+	case flagged(in.SendEmail) || flagged(in.SendSMS) || flagged(in.SendPush):
+		return enqueueNotification(ctx, tx, userID, in.SessionID, eventMessageFlagged, messageID)
+	}
+	return nil
+}
+
+// enqueueNotification writes, in tx, the event and one delivery row for each
+// of userID's channels that wants kind, and NOTIFYs the workers, who wake at
+// commit: a committed question always gets its notification and a rolled
+// back one never does. A user without such a channel costs one statement
+// and no rows. An event that exists already (the same question or message
+// and kind; a session's end) is not written again. session.ended is
+// written only by the transaction that set ended_at (ended_at = now(), the
+// transaction's start time), so ending a session twice notifies once.
+func enqueueNotification(ctx context.Context, tx *sql.Tx, userID, sessionID, kind, messageID string) error {
+	_, err := tx.ExecContext(ctx, `
+		WITH ev AS (
+			INSERT INTO notification_events (user_id, session_id, kind, message_id)
+			SELECT $1::uuid, $2::uuid, $3::text, NULLIF($4::text, '')::uuid
+			WHERE EXISTS (SELECT 1 FROM notification_channels WHERE user_id = $1 AND $3 = ANY (events))
+				AND ($3 <> 'session.ended' OR EXISTS (
+					SELECT 1 FROM agent_instances WHERE id = $2 AND user_id = $1 AND ended_at = now()))
+			ON CONFLICT DO NOTHING
+			RETURNING id
+		),
+		d AS (
+			INSERT INTO notification_deliveries (event_id, channel_id, user_id)
+			SELECT ev.id, c.id, $1::uuid FROM ev, notification_channels c
+			WHERE c.user_id = $1 AND $3 = ANY (c.events)
+			RETURNING id
+		)
+		SELECT pg_notify($5, 'o ' || $1::uuid::text || ' ' || $2::uuid::text || ' 0')
+		FROM (SELECT count(*) AS n FROM d) x WHERE x.n > 0`, userID, sessionID, kind, messageID, notifyChannel)
+	if err != nil {
+		return fmt.Errorf("enqueue notification: %w", err)
+	}
+	return nil
+}
+
+// channel is a notification channel. Token and Secret are filled only where
+// a sender needs them.
+type channel struct {
+	ID             string
+	UserID         string
+	Kind           string
+	URL            string
+	Token          string
+	Secret         string
+	Events         []string
+	CreatedAt      time.Time
+	LastDeliveryAt sql.NullTime
+	LastError      sql.NullString
+	Failures       int
+}
+
+// createChannel stores a channel for userID. It returns errTooManyChannels
+// if the user has maxChannelsPerUser already.
+func (s *store) createChannel(ctx context.Context, userID string, c channel) (channel, error) {
+	c.UserID = userID
+	err := s.db.QueryRowContext(ctx, `
+		INSERT INTO notification_channels (user_id, kind, url, token, secret, events)
+		SELECT $1, $2, $3, NULLIF($4, ''), NULLIF($5, ''), $6
+		WHERE (SELECT count(*) FROM notification_channels WHERE user_id = $1) < $7
+		RETURNING id, created_at`, userID, c.Kind, c.URL, c.Token, c.Secret, pq.Array(c.Events), maxChannelsPerUser,
+	).Scan(&c.ID, &c.CreatedAt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return channel{}, errTooManyChannels
+	}
+	if err != nil {
+		return channel{}, fmt.Errorf("create channel: %w", err)
+	}
+	return c, nil
+}
+
+// listChannels returns userID's channels, oldest first, without their token
+// and secret.
+func (s *store) listChannels(ctx context.Context, userID string) ([]channel, error) {
+	rows, err := s.db.QueryContext(ctx, `
+		SELECT id, kind, url, events, created_at, last_delivery_at, last_error, failures
+		FROM notification_channels WHERE user_id = $1
+		ORDER BY created_at, id`, userID)
+	if err != nil {
+		return nil, fmt.Errorf("list channels: %w", err)
+	}
+	defer rows.Close()
+	var out []channel
+	for rows.Next() {
+		c := channel{UserID: userID}
+		if err := rows.Scan(&c.ID, &c.Kind, &c.URL, pq.Array(&c.Events), &c.CreatedAt, &c.LastDeliveryAt, &c.LastError, &c.Failures); err != nil {
+			return nil, fmt.Errorf("list channels: %w", err)
+		}
+		out = append(out, c)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list channels: %w", err)
+	}
+	return out, nil
+}
+
+// channelForSend returns userID's channel id with its token and secret. It
+// returns errNotFound if the channel is missing or not userID's.
+func (s *store) channelForSend(ctx context.Context, userID, id string) (channel, error) {
+	c := channel{ID: id, UserID: userID}
+	var token, secret sql.NullString
+	err := s.db.QueryRowContext(ctx, `
+		SELECT kind, url, token, secret, events, created_at, last_delivery_at, last_error, failures
+		FROM notification_channels WHERE id = $1 AND user_id = $2`, id, userID,
+	).Scan(&c.Kind, &c.URL, &token, &secret, pq.Array(&c.Events), &c.CreatedAt, &c.LastDeliveryAt, &c.LastError, &c.Failures)
+	if errors.Is(err, sql.ErrNoRows) {
+		return channel{}, errNotFound
+	}
+	if err != nil {
+		return channel{}, fmt.Errorf("channel: %w", err)
+	}
+	c.Token, c.Secret = token.String, secret.String
+	return c, nil
+}
+
+// deleteChannel removes userID's channel id and its pending deliveries. It
+// returns errNotFound if the channel is missing or not userID's.
+func (s *store) deleteChannel(ctx context.Context, userID, id string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM notification_channels WHERE id = $1 AND user_id = $2`, id, userID)
+	if err != nil {
+		return fmt.Errorf("delete channel: %w", err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return errNotFound
+	}
+	return nil
+}
+
+// channelOwner returns the user id of channel id, for the operator's CLI,
+// which names a channel without a user. It returns errNotFound if there is
+// no such channel.
+func (s *store) channelOwner(ctx context.Context, id string) (string, error) {
+	var userID string
+	err := s.db.QueryRowContext(ctx, `SELECT user_id FROM notification_channels WHERE id = $1`, id).Scan(&userID)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", errNotFound
+	}
+	if err != nil {
+		return "", fmt.Errorf("channel owner: %w", err)
+	}
+	return userID, nil
+}
+
+// userByEmail returns the id of the user with this email, or errNotFound.
+func (s *store) userByEmail(ctx context.Context, email string) (string, error) {
+	var id string
+	err := s.db.QueryRowContext(ctx, `SELECT id FROM users WHERE email = $1`, email).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", errNotFound
+	}
+	if err != nil {
+		return "", fmt.Errorf("user by email: %w", err)
+	}
+	return id, nil
+}
+
+// recordChannelTest keeps the outcome of a test send on userID's channel.
+func (s *store) recordChannelTest(ctx context.Context, userID, id string, ok bool, lastError string) error {
+	_, err := s.db.ExecContext(ctx, `
+		UPDATE notification_channels SET
+			last_delivery_at = CASE WHEN $3 THEN now() ELSE last_delivery_at END,
+			last_error = CASE WHEN $3 THEN NULL ELSE $4 END,
+			failures = CASE WHEN $3 THEN 0 ELSE failures + 1 END
+		WHERE id = $1 AND user_id = $2`, id, userID, ok, lastError)
+	if err != nil {
+		return fmt.Errorf("record channel test: %w", err)
+	}
+	return nil
+}
+
+// delivery is a claimed delivery row with everything needed to send it.
+// The worker's statements below run for all users: each joins its rows on
+// user_id, so a delivery only ever carries its own user's channel and text.
+type delivery struct {
+	ID        string // also the webhook-id
+	UserID    string
+	ChannelID string
+	Attempts  int // including the one just claimed
+	Channel   channel
+	EventKind string
+	SessionID string
+	MessageID string
+	EventAt   time.Time
+	AgentType string
+	Text      string
+	Folded    int // for a summary: how many events it stands for
+}
+
+// deliveryLimits are the worker's flood limit and lease.
+type deliveryLimits struct {
+	lease     time.Duration // how long a claimed row is left to its worker
+	window    time.Duration // the flood window
+	perWindow int           // requests per channel per window (a summary not counted)
+}
+
+// claimDeliveries claims up to limit due deliveries in one short
+// transaction: FOR UPDATE SKIP LOCKED, so workers of other replicas pass
+// rows being claimed here, and a claimed row's next_attempt_at moves to the
+// end of its lease, so no worker takes it again while it is being sent.
+// A row over its channel's flood limit is folded into the channel's pending
+// summary (made if there is none, due at the window's end); a retry over the
+// limit waits for the window's end instead.
+func (s *store) claimDeliveries(ctx context.Context, limit int, lim deliveryLimits) ([]delivery, error) {
+	var out []delivery
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		type cand struct {
+			id, channelID, userID, kind string
+			attempts                    int
+		}
+		// A claim lost in a database crash only means the row is sent
+		// again (same webhook-id), so it need not wait for a WAL flush:
+		// that wait is most of a notification's latency.
+		if _, err := tx.ExecContext(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
+			return err
+		}
+		rows, err := tx.QueryContext(ctx, `
+			SELECT d.id, d.channel_id, d.user_id, e.kind, d.attempts
+			FROM notification_deliveries d
+			JOIN notification_events e ON e.id = d.event_id AND e.user_id = d.user_id
+			WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+			ORDER BY d.next_attempt_at, d.id
+			LIMIT $1
+			FOR UPDATE OF d SKIP LOCKED`, limit)
+		if err != nil {
+			return err
+		}
+		var cands []cand
+		var chanIDs []string
+		for rows.Next() {
+			var c cand
+			if err := rows.Scan(&c.id, &c.channelID, &c.userID, &c.kind, &c.attempts); err != nil {
+				rows.Close()
+				return err
+			}
+			cands = append(cands, c)
+			chanIDs = append(chanIDs, c.channelID)
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil || len(cands) == 0 {
+			return err
+		}
+		// The channels' flood counters, locked in id order (so two
+		// workers never wait on each other in a cycle). FOR NO KEY UPDATE,
+		// not FOR UPDATE: it must not conflict with the KEY SHARE locks
+		// that agents' transactions take on a channel (the foreign key of
+		// the delivery rows they write), or the two deadlock.
+		type window struct {
+			start time.Time
+			sent  int
+			dirty bool
+		}
+		wins := map[string]*window{}
+		var now time.Time
+		rows, err = tx.QueryContext(ctx, `
+			SELECT id, window_start, window_sent, now() FROM notification_channels
+			WHERE id = ANY ($1::uuid[])
+			ORDER BY id
+			FOR NO KEY UPDATE`, pq.Array(chanIDs))
+		if err != nil {
+			return err
+		}
+		for rows.Next() {
+			var id string
+			var start sql.NullTime
+			w := &window{}
+			if err := rows.Scan(&id, &start, &w.sent, &now); err != nil {
+				rows.Close()
+				return err
+			}
+			w.start = start.Time
+			if !start.Valid || !now.Before(w.start.Add(lim.window)) {
+				w.start, w.sent, w.dirty = now, 0, true
+			}
+			wins[id] = w
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		summaries := map[string]string{} // channel -> its pending summary row
+		var claimed []string
+		for _, c := range cands {
+			w := wins[c.channelID]
+			switch {
+			case w == nil: // the channel was deleted meanwhile; the row goes with it
+			case c.kind == eventSummary:
+				claimed = append(claimed, c.id)
+			case w.sent < lim.perWindow:
+				w.sent++
+				w.dirty = true
+				claimed = append(claimed, c.id)
+			case c.attempts > 0:
+				if _, err := tx.ExecContext(ctx, `
+					UPDATE notification_deliveries SET next_attempt_at = $2 WHERE id = $1`,
+					c.id, w.start.Add(lim.window)); err != nil {
+					return err
+				}
+			default:
+				sum, ok := summaries[c.channelID]
+				if !ok {
+					err := tx.QueryRowContext(ctx, `
+						SELECT d.id FROM notification_deliveries d
+						JOIN notification_events e ON e.id = d.event_id AND e.user_id = d.user_id
+						WHERE d.channel_id = $1 AND d.user_id = $2 AND e.kind = 'summary'
+							AND d.status = 'pending' AND d.attempts = 0
+						LIMIT 1`, c.channelID, c.userID).Scan(&sum)
+					if errors.Is(err, sql.ErrNoRows) {
+						err = tx.QueryRowContext(ctx, `
+							WITH ev AS (
+								INSERT INTO notification_events (user_id, kind) VALUES ($1, 'summary')
+								RETURNING id
+							)
+							INSERT INTO notification_deliveries (event_id, channel_id, user_id, next_attempt_at)
+							SELECT ev.id, $2, $1, $3 FROM ev
+							RETURNING id`, c.userID, c.channelID, w.start.Add(lim.window)).Scan(&sum)
+					}
+					if err != nil {
+						return err
+					}
+					summaries[c.channelID] = sum
+				}
+				if _, err := tx.ExecContext(ctx, `
+					UPDATE notification_deliveries SET status = 'folded', summary_id = $2 WHERE id = $1`, c.id, sum); err != nil {
+					return err
+				}
+			}
+		}
+		for id, w := range wins {
+			if !w.dirty {
+				continue
+			}
+			if _, err := tx.ExecContext(ctx, `
+				UPDATE notification_channels SET window_start = $2, window_sent = $3 WHERE id = $1`,
+				id, w.start, w.sent); err != nil {
+				return err
+			}
+		}
+		if len(claimed) == 0 {
+			return nil
+		}
+		// A summary counts what was folded into it when it is first claimed;
+		// a retry sends the same number.
+		rows, err = tx.QueryContext(ctx, `
+			WITH c AS (
+				UPDATE notification_deliveries d SET
+					attempts = d.attempts + 1,
+					next_attempt_at = now() + make_interval(secs => $2),
+					folded_count = CASE WHEN d.attempts = 0 THEN
+						(SELECT count(*) FROM notification_deliveries f WHERE f.summary_id = d.id AND f.user_id = d.user_id)
+						ELSE d.folded_count END
+				WHERE d.id = ANY ($1::uuid[]) AND d.status = 'pending'
+				RETURNING d.id, d.user_id, d.channel_id, d.event_id, d.attempts, d.folded_count
+			)
+			SELECT c.id, c.user_id, c.channel_id, c.attempts, c.folded_count,
+				ch.kind, ch.url, COALESCE(ch.token, ''), COALESCE(ch.secret, ''),
+				e.kind, COALESCE(e.session_id::text, ''), COALESCE(e.message_id::text, ''), e.created_at,
+				COALESCE(ua.name, ''), COALESCE(m.content, '')
+			FROM c
+			JOIN notification_channels ch ON ch.id = c.channel_id AND ch.user_id = c.user_id
+			JOIN notification_events e ON e.id = c.event_id AND e.user_id = c.user_id
+			LEFT JOIN agent_instances a ON a.id = e.session_id AND a.user_id = c.user_id
+			LEFT JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = c.user_id
+			LEFT JOIN messages m ON m.id = e.message_id AND m.user_id = c.user_id`,
+			pq.Array(claimed), lim.lease.Seconds())
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var d delivery
+			if err := rows.Scan(&d.ID, &d.UserID, &d.ChannelID, &d.Attempts, &d.Folded,
+				&d.Channel.Kind, &d.Channel.URL, &d.Channel.Token, &d.Channel.Secret,
+				&d.EventKind, &d.SessionID, &d.MessageID, &d.EventAt, &d.AgentType, &d.Text); err != nil {
+				return err
+			}
+			d.Channel.ID, d.Channel.UserID = d.ChannelID, d.UserID
+			out = append(out, d)
+		}
+		return rows.Err()
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim deliveries: %w", err)
+	}
+	return out, nil
+}
+
+// Delivery outcomes, as recordDelivery takes them.
+const (
+	outcomeSent  = "sent"
+	outcomeRetry = "retry"
+	outcomeFail  = "failed"
+)
+
+// recordDelivery stores the outcome of an attempt at delivery id: sent;
+// failed for good; or retry after delay, which becomes failed when the next
+// attempt would come giveUp or more after the row was made. The channel
+// keeps the latest outcome. It returns the row's status after the update
+// ("" if the row was no longer pending: its channel was removed).
+func (s *store) recordDelivery(ctx context.Context, id, outcome, lastError string, delay, giveUp time.Duration) (string, error) {
+	var status string
+	err := s.db.QueryRowContext(ctx, `
+		WITH d AS (
+			UPDATE notification_deliveries SET
+				status = CASE
+					WHEN $2 = 'sent' THEN 'sent'
+					WHEN $2 = 'failed' OR created_at + make_interval(secs => $5) <= now() + make_interval(secs => $4) THEN 'failed'
+					ELSE 'pending' END,
+				sent_at = CASE WHEN $2 = 'sent' THEN now() END,
+				last_error = CASE
+					WHEN $2 = 'sent' THEN NULL
+					WHEN $2 = 'retry' AND created_at + make_interval(secs => $5) <= now() + make_interval(secs => $4)
+						THEN 'gave up: ' || $3
+					ELSE $3 END,
+				next_attempt_at = now() + make_interval(secs => $4)
+			WHERE id = $1 AND status = 'pending'
+			RETURNING channel_id, user_id, status, last_error
+		),
+		c AS (
+			UPDATE notification_channels ch SET
+				last_delivery_at = CASE WHEN d.status = 'sent' THEN now() ELSE ch.last_delivery_at END,
+				last_error = d.last_error,
+				failures = CASE WHEN d.status = 'sent' THEN 0 ELSE ch.failures + 1 END
+			FROM d WHERE ch.id = d.channel_id AND ch.user_id = d.user_id
+		)
+		SELECT status FROM d`, id, outcome, lastError, delay.Seconds(), giveUp.Seconds()).Scan(&status)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("record delivery: %w", err)
+	}
+	return status, nil
+}
+
+// nextDelivery returns how long until the earliest pending delivery is due
+// (zero or less: now); ok is false when none is pending.
+func (s *store) nextDelivery(ctx context.Context) (time.Duration, bool, error) {
+	var secs sql.NullFloat64
+	err := s.db.QueryRowContext(ctx, `
+		SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())::float8
+		FROM notification_deliveries WHERE status = 'pending'`).Scan(&secs)
+	if err != nil {
+		return 0, false, fmt.Errorf("next delivery: %w", err)
+	}
+	if !secs.Valid {
+		return 0, false, nil
+	}
+	return time.Duration(secs.Float64 * float64(time.Second)), true, nil
 }

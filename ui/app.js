@@ -153,6 +153,11 @@
     $('inbox').hidden = true;
     $('signout').hidden = true;
     $('notify').hidden = true;
+    $('channels-toggle').hidden = true;
+    $('channels').hidden = true;
+    $('channel-list').replaceChildren();
+    $('channel-secret-box').hidden = true;
+    $('channel-secret').textContent = '';
     $('conn').hidden = true;
     $('signin').hidden = false;
     $('key').value = '';
@@ -164,6 +169,7 @@
     $('signin').hidden = true;
     $('inbox').hidden = false;
     $('signout').hidden = false;
+    $('channels-toggle').hidden = false;
     $('signin-error').textContent = '';
     updateNotifyButton();
     render();
@@ -199,6 +205,7 @@
       render();
       state.loaded = true;
       if (state.openId) loadTimeline(false);
+      followLink();
     } catch (e) {
       // The stream's reconnect tries again.
     }
@@ -602,6 +609,118 @@
     render();
   }
 
+  // ---- deep links ----
+
+  // followLink opens what the address names: #/questions/ID (the link a
+  // notification carries) or #/sessions/ID. A question that is no longer
+  // open is looked up among the loaded sessions' timelines no further: the
+  // inbox simply shows.
+  function followLink() {
+    const m = /^#\/(questions|sessions)\/([0-9a-fA-F-]{32,36})$/.exec(location.hash);
+    if (!m || !state.key) return;
+    let sessionId = null;
+    if (m[1] === 'sessions') {
+      sessionId = m[2];
+    } else {
+      for (const s of state.sessions.values()) {
+        if (s.open_question && s.open_question.id === m[2]) sessionId = s.id;
+      }
+    }
+    if (!sessionId) return;
+    history.replaceState(null, '', location.pathname + location.search);
+    openSession(sessionId);
+    if (m[1] === 'questions') {
+      const card = Array.from($('questions').children).find((c) => c.dataset.question === m[2]);
+      if (card) {
+        card.scrollIntoView({ block: 'center' });
+        const box = card.querySelector('textarea');
+        if (box) box.focus();
+      }
+    }
+  }
+
+  // ---- notification channels ----
+
+  const EVENT_LABELS = { 'question.asked': 'questions', 'message.flagged': 'flagged messages', 'session.ended': 'ended sessions' };
+
+  async function loadChannels() {
+    try {
+      const data = await api('GET', '/api/v1/notification-channels');
+      renderChannels(data.channels);
+      $('channel-error').textContent = '';
+    } catch (e) {
+      $('channel-error').textContent = 'Could not load the channels: ' + e.message;
+    }
+  }
+
+  function channelStatus(c) {
+    if (c.last_error) {
+      return el('span', 'failed', 'last error: ' + c.last_error + (c.failures > 1 ? ' (' + c.failures + ' failures in a row)' : ''));
+    }
+    if (c.last_delivery_at) return el('span', 'ok', 'last delivered ' + ago(c.last_delivery_at));
+    return el('span', 'meta', 'nothing sent yet');
+  }
+
+  function renderChannels(channels) {
+    const items = channels.map((c) => {
+      const li = el('li', 'channel');
+      li.dataset.channel = c.id;
+      const head = el('div', 'row');
+      head.append(el('strong', '', c.kind === 'ntfy' ? 'ntfy' : 'Webhook'), el('span', 'url', c.url));
+      const events = el('p', 'meta', 'Sends ' + c.events.map((e) => EVENT_LABELS[e] || e).join(', '));
+      const status = el('p', 'status-line');
+      status.append(channelStatus(c));
+      const actions = el('div', 'actions');
+      const test = el('button', 'quiet', 'Send a test');
+      test.type = 'button';
+      const remove = el('button', 'danger', 'Remove');
+      remove.type = 'button';
+      const note = el('span', 'meta test-result');
+      note.setAttribute('role', 'status');
+      actions.append(test, remove, note);
+      test.addEventListener('click', async () => {
+        test.disabled = true;
+        note.textContent = 'Sending…';
+        try {
+          const r = await api('POST', '/api/v1/notification-channels/' + encodeURIComponent(c.id) + '/test');
+          note.textContent = r.delivered ? 'Delivered (HTTP ' + r.status + ')' : 'Not delivered: ' + (r.error || 'HTTP ' + r.status);
+          const fresh = await api('GET', '/api/v1/notification-channels');
+          const now = fresh.channels.find((x) => x.id === c.id);
+          if (now) status.replaceChildren(channelStatus(now));
+        } catch (e) {
+          note.textContent = 'Test failed: ' + e.message;
+        } finally {
+          test.disabled = false;
+        }
+      });
+      remove.addEventListener('click', async () => {
+        remove.disabled = true;
+        try {
+          await api('DELETE', '/api/v1/notification-channels/' + encodeURIComponent(c.id));
+          loadChannels();
+        } catch (e) {
+          note.textContent = 'Not removed: ' + e.message;
+          remove.disabled = false;
+        }
+      });
+      li.append(head, events, status, actions);
+      return li;
+    });
+    $('channel-list').replaceChildren(...items);
+    $('no-channels').hidden = items.length > 0;
+  }
+
+  function channelKind() {
+    const r = document.querySelector('input[name="channel-kind"]:checked');
+    return r ? r.value : 'ntfy';
+  }
+
+  function updateChannelForm() {
+    const ntfy = channelKind() === 'ntfy';
+    $('channel-token-box').hidden = !ntfy;
+    $('channel-url').placeholder = ntfy ? 'https://ntfy.example.com/my-secret-topic' : 'https://example.com/agentline-hook';
+  }
+
   // ---- wiring ----
 
   function init() {
@@ -631,6 +750,49 @@
       }
     });
     $('more').addEventListener('click', () => loadOlder().catch(() => {}));
+    $('channels-toggle').addEventListener('click', () => {
+      const open = $('channels').hidden;
+      $('channels').hidden = !open;
+      $('channels-toggle').setAttribute('aria-expanded', String(open));
+      if (open) loadChannels();
+    });
+    for (const r of document.querySelectorAll('input[name="channel-kind"]')) r.addEventListener('change', updateChannelForm);
+    $('channel-form').addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const kind = channelKind();
+      const url = $('channel-url').value.trim();
+      const events = Array.from(document.querySelectorAll('input[name="channel-event"]:checked')).map((x) => x.value);
+      $('channel-error').textContent = '';
+      $('channel-secret-box').hidden = true;
+      $('channel-secret').textContent = '';
+      if (!url) {
+        $('channel-error').textContent = 'Give the URL first.';
+        return;
+      }
+      if (!events.length) {
+        $('channel-error').textContent = 'Pick at least one thing to send.';
+        return;
+      }
+      const body = { kind, url, events };
+      const token = $('channel-token').value.trim();
+      if (kind === 'ntfy' && token) body.token = token;
+      $('channel-state').textContent = 'Adding…';
+      try {
+        const c = await api('POST', '/api/v1/notification-channels', body);
+        $('channel-url').value = '';
+        $('channel-token').value = '';
+        $('channel-state').textContent = 'Added.';
+        if (c.secret) {
+          $('channel-secret').textContent = c.secret;
+          $('channel-secret-box').hidden = false;
+        }
+        loadChannels();
+      } catch (err) {
+        $('channel-state').textContent = '';
+        $('channel-error').textContent = 'Not added: ' + err.message;
+      }
+    });
+    window.addEventListener('hashchange', followLink);
     $('back').addEventListener('click', closeSession);
     $('feedback-form').addEventListener('submit', async (e) => {
       e.preventDefault();
