@@ -226,101 +226,117 @@ func runNotify(ctx context.Context, cfg config, args []string, stdout, stderr io
 	sub, rest := args[0], args[1:]
 	switch sub {
 	case "add":
-		fs := flag.NewFlagSet("notify add", flag.ContinueOnError)
-		fs.SetOutput(stderr)
-		email := fs.String("user", "", "the user's email (created if new)")
-		kind := fs.String("kind", "", "ntfy or webhook")
-		u := fs.String("url", "", "the ntfy topic URL or the webhook URL")
-		token := fs.String("token", "", "an ntfy access token (optional)")
-		events := fs.String("events", eventQuestionAsked, "comma-separated: "+strings.Join(channelEvents, ","))
-		if err := fs.Parse(rest); err != nil {
-			return err
-		}
-		if *email == "" || !strings.Contains(*email, "@") {
-			return errors.New("notify add: -user EMAIL is required")
-		}
-		evs := strings.Split(*events, ",")
-		ch, err := checkChannel(channelRequest{Kind: kind, URL: u, Token: token, Events: &evs}, n.allowPrivate)
-		if err != nil {
-			return fmt.Errorf("notify add: %w", err)
-		}
-		userID, err := st.ensureUser(ctx, *email)
-		if err != nil {
-			return err
-		}
-		if ch, err = st.createChannel(ctx, userID, ch); err != nil {
-			return fmt.Errorf("notify add: %w", err)
-		}
-		fmt.Fprintf(stdout, "id=%s\n", ch.ID)
-		if ch.Secret != "" {
-			fmt.Fprintf(stdout, "secret=%s\n", ch.Secret)
-		}
-		return nil
+		return notifyAdd(ctx, n, rest, stdout, stderr)
 	case "list":
-		fs := flag.NewFlagSet("notify list", flag.ContinueOnError)
-		fs.SetOutput(stderr)
-		email := fs.String("user", "", "the user's email")
-		if err := fs.Parse(rest); err != nil {
-			return err
-		}
-		userID, err := st.userByEmail(ctx, *email)
-		if errors.Is(err, errNotFound) {
-			return fmt.Errorf("notify list: no user %q", *email)
-		}
-		if err != nil {
-			return err
-		}
-		chans, err := st.listChannels(ctx, userID)
-		if err != nil {
-			return err
-		}
-		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tKIND\tURL\tEVENTS\tLAST DELIVERY\tLAST ERROR\tFAILURES")
-		for _, c := range chans {
-			last, lastErr := "-", "-"
-			if c.LastDeliveryAt.Valid {
-				last = timeJSON(c.LastDeliveryAt.Time)
-			}
-			if c.LastError.Valid {
-				lastErr = c.LastError.String
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\n", c.ID, c.Kind, c.URL, strings.Join(c.Events, ","), last, lastErr, c.Failures)
-		}
-		return tw.Flush()
+		return notifyList(ctx, st, rest, stdout, stderr)
 	case "remove", "test":
-		if len(rest) != 1 {
-			return errors.New(notifyUsage)
-		}
-		id, ok := parseUUID(strings.TrimSpace(rest[0]))
-		if !ok {
-			return fmt.Errorf("notify %s: %q is not a channel id", sub, rest[0])
-		}
-		userID, err := st.channelOwner(ctx, id)
-		if errors.Is(err, errNotFound) {
-			return fmt.Errorf("notify %s: no such channel", sub)
-		}
-		if err != nil {
-			return err
-		}
-		if sub == "remove" {
-			if err := st.deleteChannel(ctx, userID, id); err != nil {
-				return err
-			}
-			fmt.Fprintln(stdout, "removed")
-			return nil
-		}
-		res, err := n.testChannel(ctx, userID, id)
-		if err != nil {
-			return err
-		}
-		if !res.Delivered {
-			return fmt.Errorf("notify test: not delivered: %s", res.Error)
-		}
-		fmt.Fprintf(stdout, "delivered: HTTP %d\n", res.Status)
-		return nil
+		return notifyRemoveOrTest(ctx, n, sub, rest, stdout)
 	default:
 		return fmt.Errorf("unknown notify command %q\n%s", sub, notifyUsage)
 	}
+}
+
+// notifyAdd is `agentline notify add`: it prints the channel's id and, for a
+// webhook, its secret (the only time it is shown).
+func notifyAdd(ctx context.Context, n *notifier, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("notify add", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	email := fs.String("user", "", "the user's email (created if new)")
+	kind := fs.String("kind", "", "ntfy or webhook")
+	u := fs.String("url", "", "the ntfy topic URL or the webhook URL")
+	token := fs.String("token", "", "an ntfy access token (optional)")
+	events := fs.String("events", eventQuestionAsked, "comma-separated: "+strings.Join(channelEvents, ","))
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *email == "" || !strings.Contains(*email, "@") {
+		return errors.New("notify add: -user EMAIL is required")
+	}
+	evs := strings.Split(*events, ",")
+	ch, err := checkChannel(channelRequest{Kind: kind, URL: u, Token: token, Events: &evs}, n.allowPrivate)
+	if err != nil {
+		return fmt.Errorf("notify add: %w", err)
+	}
+	userID, err := n.store.ensureUser(ctx, *email)
+	if err != nil {
+		return err
+	}
+	if ch, err = n.store.createChannel(ctx, userID, ch); err != nil {
+		return fmt.Errorf("notify add: %w", err)
+	}
+	fmt.Fprintf(stdout, "id=%s\n", ch.ID)
+	if ch.Secret != "" {
+		fmt.Fprintf(stdout, "secret=%s\n", ch.Secret)
+	}
+	return nil
+}
+
+// notifyList is `agentline notify list`: never a token or a secret.
+func notifyList(ctx context.Context, st *store, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("notify list", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	email := fs.String("user", "", "the user's email")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	userID, err := st.userByEmail(ctx, *email)
+	if errors.Is(err, errNotFound) {
+		return fmt.Errorf("notify list: no user %q", *email)
+	}
+	if err != nil {
+		return err
+	}
+	chans, err := st.listChannels(ctx, userID)
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tKIND\tURL\tEVENTS\tLAST DELIVERY\tLAST ERROR\tFAILURES")
+	for _, c := range chans {
+		last, lastErr := "-", "-"
+		if c.LastDeliveryAt.Valid {
+			last = timeJSON(c.LastDeliveryAt.Time)
+		}
+		if c.LastError.Valid {
+			lastErr = c.LastError.String
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\n", c.ID, c.Kind, c.URL, strings.Join(c.Events, ","), last, lastErr, c.Failures)
+	}
+	return tw.Flush()
+}
+
+// notifyRemoveOrTest is `agentline notify remove ID` and `notify test ID`.
+func notifyRemoveOrTest(ctx context.Context, n *notifier, sub string, args []string, stdout io.Writer) error {
+	if len(args) != 1 {
+		return errors.New(notifyUsage)
+	}
+	id, ok := parseUUID(strings.TrimSpace(args[0]))
+	if !ok {
+		return fmt.Errorf("notify %s: %q is not a channel id", sub, args[0])
+	}
+	userID, err := n.store.channelOwner(ctx, id)
+	if errors.Is(err, errNotFound) {
+		return fmt.Errorf("notify %s: no such channel", sub)
+	}
+	if err != nil {
+		return err
+	}
+	if sub == "remove" {
+		if err := n.store.deleteChannel(ctx, userID, id); err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, "removed")
+		return nil
+	}
+	res, err := n.testChannel(ctx, userID, id)
+	if err != nil {
+		return err
+	}
+	if !res.Delivered {
+		return fmt.Errorf("notify test: not delivered: %s", res.Error)
+	}
+	fmt.Fprintf(stdout, "delivered: HTTP %d\n", res.Status)
+	return nil
 }
 
 // ---- configuration ----

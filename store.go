@@ -1136,17 +1136,15 @@ type deliveryLimits struct {
 func (s *store) claimDeliveries(ctx context.Context, limit int, lim deliveryLimits) ([]delivery, error) {
 	var out []delivery
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
-		type cand struct {
-			id, channelID, userID, kind string
-			attempts                    int
-		}
 		// A claim lost in a database crash only means the row is sent
 		// again (same webhook-id), so it need not wait for a WAL flush:
 		// that wait is most of a notification's latency.
 		if _, err := tx.ExecContext(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
 			return err
 		}
-		rows, err := tx.QueryContext(ctx, `
+		cands, err := queryAll(ctx, tx, func(c *dueDelivery) []any {
+			return []any{&c.id, &c.channelID, &c.userID, &c.kind, &c.attempts}
+		}, `
 			SELECT d.id, d.channel_id, d.user_id, e.kind, d.attempts
 			FROM notification_deliveries d
 			JOIN notification_events e ON e.id = d.event_id AND e.user_id = d.user_id
@@ -1154,126 +1152,20 @@ func (s *store) claimDeliveries(ctx context.Context, limit int, lim deliveryLimi
 			ORDER BY d.next_attempt_at, d.id
 			LIMIT $1
 			FOR UPDATE OF d SKIP LOCKED`, limit)
-		if err != nil {
+		if err != nil || len(cands) == 0 {
 			return err
 		}
-		var cands []cand
-		var chanIDs []string
-		for rows.Next() {
-			var c cand
-			if err := rows.Scan(&c.id, &c.channelID, &c.userID, &c.kind, &c.attempts); err != nil {
-				rows.Close()
-				return err
-			}
-			cands = append(cands, c)
-			chanIDs = append(chanIDs, c.channelID)
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil || len(cands) == 0 {
+		claimed, err := floodLimit(ctx, tx, cands, lim)
+		if err != nil || len(claimed) == 0 {
 			return err
-		}
-		// The channels' flood counters, locked in id order (so two
-		// workers never wait on each other in a cycle). FOR NO KEY UPDATE,
-		// not FOR UPDATE: it must not conflict with the KEY SHARE locks
-		// that agents' transactions take on a channel (the foreign key of
-		// the delivery rows they write), or the two deadlock.
-		type window struct {
-			start time.Time
-			sent  int
-			dirty bool
-		}
-		wins := map[string]*window{}
-		var now time.Time
-		rows, err = tx.QueryContext(ctx, `
-			SELECT id, window_start, window_sent, now() FROM notification_channels
-			WHERE id = ANY ($1::uuid[])
-			ORDER BY id
-			FOR NO KEY UPDATE`, pq.Array(chanIDs))
-		if err != nil {
-			return err
-		}
-		for rows.Next() {
-			var id string
-			var start sql.NullTime
-			w := &window{}
-			if err := rows.Scan(&id, &start, &w.sent, &now); err != nil {
-				rows.Close()
-				return err
-			}
-			w.start = start.Time
-			if !start.Valid || !now.Before(w.start.Add(lim.window)) {
-				w.start, w.sent, w.dirty = now, 0, true
-			}
-			wins[id] = w
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
-			return err
-		}
-		summaries := map[string]string{} // channel -> its pending summary row
-		var claimed []string
-		for _, c := range cands {
-			w := wins[c.channelID]
-			switch {
-			case w == nil: // the channel was deleted meanwhile; the row goes with it
-			case c.kind == eventSummary:
-				claimed = append(claimed, c.id)
-			case w.sent < lim.perWindow:
-				w.sent++
-				w.dirty = true
-				claimed = append(claimed, c.id)
-			case c.attempts > 0:
-				if _, err := tx.ExecContext(ctx, `
-					UPDATE notification_deliveries SET next_attempt_at = $2 WHERE id = $1`,
-					c.id, w.start.Add(lim.window)); err != nil {
-					return err
-				}
-			default:
-				sum, ok := summaries[c.channelID]
-				if !ok {
-					err := tx.QueryRowContext(ctx, `
-						SELECT d.id FROM notification_deliveries d
-						JOIN notification_events e ON e.id = d.event_id AND e.user_id = d.user_id
-						WHERE d.channel_id = $1 AND d.user_id = $2 AND e.kind = 'summary'
-							AND d.status = 'pending' AND d.attempts = 0
-						LIMIT 1`, c.channelID, c.userID).Scan(&sum)
-					if errors.Is(err, sql.ErrNoRows) {
-						err = tx.QueryRowContext(ctx, `
-							WITH ev AS (
-								INSERT INTO notification_events (user_id, kind) VALUES ($1, 'summary')
-								RETURNING id
-							)
-							INSERT INTO notification_deliveries (event_id, channel_id, user_id, next_attempt_at)
-							SELECT ev.id, $2, $1, $3 FROM ev
-							RETURNING id`, c.userID, c.channelID, w.start.Add(lim.window)).Scan(&sum)
-					}
-					if err != nil {
-						return err
-					}
-					summaries[c.channelID] = sum
-				}
-				if _, err := tx.ExecContext(ctx, `
-					UPDATE notification_deliveries SET status = 'folded', summary_id = $2 WHERE id = $1`, c.id, sum); err != nil {
-					return err
-				}
-			}
-		}
-		for id, w := range wins {
-			if !w.dirty {
-				continue
-			}
-			if _, err := tx.ExecContext(ctx, `
-				UPDATE notification_channels SET window_start = $2, window_sent = $3 WHERE id = $1`,
-				id, w.start, w.sent); err != nil {
-				return err
-			}
-		}
-		if len(claimed) == 0 {
-			return nil
 		}
 		// A summary counts what was folded into it when it is first claimed;
 		// a retry sends the same number.
-		rows, err = tx.QueryContext(ctx, `
+		out, err = queryAll(ctx, tx, func(d *delivery) []any {
+			return []any{&d.ID, &d.UserID, &d.ChannelID, &d.Attempts, &d.Folded,
+				&d.Channel.Kind, &d.Channel.URL, &d.Channel.Token, &d.Channel.Secret,
+				&d.EventKind, &d.SessionID, &d.MessageID, &d.EventAt, &d.AgentType, &d.Text}
+		}, `
 			WITH c AS (
 				UPDATE notification_deliveries d SET
 					attempts = d.attempts + 1,
@@ -1295,26 +1187,125 @@ func (s *store) claimDeliveries(ctx context.Context, limit int, lim deliveryLimi
 			LEFT JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = c.user_id
 			LEFT JOIN messages m ON m.id = e.message_id AND m.user_id = c.user_id`,
 			pq.Array(claimed), lim.lease.Seconds())
-		if err != nil {
-			return err
+		for i := range out {
+			out[i].Channel.ID, out[i].Channel.UserID = out[i].ChannelID, out[i].UserID
 		}
-		defer rows.Close()
-		for rows.Next() {
-			var d delivery
-			if err := rows.Scan(&d.ID, &d.UserID, &d.ChannelID, &d.Attempts, &d.Folded,
-				&d.Channel.Kind, &d.Channel.URL, &d.Channel.Token, &d.Channel.Secret,
-				&d.EventKind, &d.SessionID, &d.MessageID, &d.EventAt, &d.AgentType, &d.Text); err != nil {
-				return err
-			}
-			d.Channel.ID, d.Channel.UserID = d.ChannelID, d.UserID
-			out = append(out, d)
-		}
-		return rows.Err()
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim deliveries: %w", err)
 	}
 	return out, nil
+}
+
+// dueDelivery is a delivery row locked for claiming.
+type dueDelivery struct {
+	id, channelID, userID, kind string
+	attempts                    int
+}
+
+// floodWindow is a channel's flood counter: sent requests since start.
+type floodWindow struct {
+	id    string
+	start sql.NullTime
+	sent  int
+	now   time.Time
+	dirty bool
+}
+
+// floodLimit applies the channels' flood limits to the due rows in tx and
+// returns the ids to send now. A first attempt over the limit is folded into
+// the channel's pending summary; a retry over it waits for the window's end.
+func floodLimit(ctx context.Context, tx *sql.Tx, due []dueDelivery, lim deliveryLimits) ([]string, error) {
+	var chanIDs []string
+	for _, d := range due {
+		chanIDs = append(chanIDs, d.channelID)
+	}
+	// Locked in id order (so two workers never wait on each other in a
+	// cycle). FOR NO KEY UPDATE, not FOR UPDATE: it must not conflict with
+	// the KEY SHARE locks that agents' transactions take on a channel (the
+	// foreign key of the delivery rows they write), or the two deadlock.
+	list, err := queryAll(ctx, tx, func(w *floodWindow) []any { return []any{&w.id, &w.start, &w.sent, &w.now} }, `
+		SELECT id, window_start, window_sent, now() FROM notification_channels
+		WHERE id = ANY ($1::uuid[])
+		ORDER BY id
+		FOR NO KEY UPDATE`, pq.Array(chanIDs))
+	if err != nil {
+		return nil, err
+	}
+	wins := map[string]*floodWindow{}
+	for i := range list {
+		w := &list[i]
+		if !w.start.Valid || !w.now.Before(w.start.Time.Add(lim.window)) {
+			w.start, w.sent, w.dirty = sql.NullTime{Time: w.now, Valid: true}, 0, true
+		}
+		wins[w.id] = w
+	}
+	summaries := map[string]string{} // channel -> its pending summary row
+	var claimed []string
+	for _, d := range due {
+		w := wins[d.channelID]
+		if w == nil {
+			continue // the channel was deleted meanwhile; the row goes with it
+		}
+		windowEnd := w.start.Time.Add(lim.window)
+		switch {
+		case d.kind == eventSummary:
+			claimed = append(claimed, d.id)
+		case w.sent < lim.perWindow:
+			w.sent++
+			w.dirty = true
+			claimed = append(claimed, d.id)
+		case d.attempts > 0:
+			_, err = tx.ExecContext(ctx, `UPDATE notification_deliveries SET next_attempt_at = $2 WHERE id = $1`, d.id, windowEnd)
+		default:
+			err = foldDelivery(ctx, tx, d, windowEnd, summaries)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	for _, w := range list {
+		if w.dirty {
+			_, err := tx.ExecContext(ctx, `
+				UPDATE notification_channels SET window_start = $2, window_sent = $3 WHERE id = $1`, w.id, w.start, w.sent)
+			if err != nil {
+				return nil, err
+			}
+		}
+	}
+	return claimed, nil
+}
+
+// foldDelivery folds d into its channel's pending summary, making one (due
+// at windowEnd) if there is none; summaries caches them by channel.
+func foldDelivery(ctx context.Context, tx *sql.Tx, d dueDelivery, windowEnd time.Time, summaries map[string]string) error {
+	sum, ok := summaries[d.channelID]
+	if !ok {
+		err := tx.QueryRowContext(ctx, `
+			SELECT d.id FROM notification_deliveries d
+			JOIN notification_events e ON e.id = d.event_id AND e.user_id = d.user_id
+			WHERE d.channel_id = $1 AND d.user_id = $2 AND e.kind = 'summary'
+				AND d.status = 'pending' AND d.attempts = 0
+			LIMIT 1`, d.channelID, d.userID).Scan(&sum)
+		if errors.Is(err, sql.ErrNoRows) {
+			err = tx.QueryRowContext(ctx, `
+				WITH ev AS (
+					INSERT INTO notification_events (user_id, kind) VALUES ($1, 'summary')
+					RETURNING id
+				)
+				INSERT INTO notification_deliveries (event_id, channel_id, user_id, next_attempt_at)
+				SELECT ev.id, $2, $1, $3 FROM ev
+				RETURNING id`, d.userID, d.channelID, windowEnd).Scan(&sum)
+		}
+		if err != nil {
+			return err
+		}
+		summaries[d.channelID] = sum
+	}
+	_, err := tx.ExecContext(ctx, `
+		UPDATE notification_deliveries SET status = 'folded', summary_id = $2 WHERE id = $1`, d.id, sum)
+	return err
 }
 
 // Delivery outcomes, as recordDelivery takes them.
