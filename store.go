@@ -1068,7 +1068,7 @@ func (h *hub) subscribe(topic string) (wake <-chan struct{}, cancel func()) {
 func (h *hub) waiters() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.count
+	return h.count - len(h.topics["outbox"]) // notifications (issue 11): the outbox worker is no waiter
 }
 
 // close stops the listener and wakes every waiter so it can notice shutdown.
