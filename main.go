@@ -100,7 +100,8 @@ const usage = `usage:
   agentline keygen -dir D           write an Ed25519 key pair to D
   agentline token -user EMAIL [-name N] [-ttl 720h] [-scope agent|person]
                                     register a new API key and print it
-  agentline revoke KEY_OR_ID        revoke an API key`
+  agentline revoke KEY_OR_ID        revoke an API key
+  agentline keys -user EMAIL        list a user's API keys (never the keys themselves)`
 
 // run is agentline: main with its outside world passed in.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -136,6 +137,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return runToken(ctx, cfg, rest, stdout, stderr)
 	case "revoke":
 		return runRevoke(ctx, cfg, rest, stderr)
+	case "keys": // issue 13
+		return runKeys(ctx, cfg, rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprintln(stdout, usage)
 		return nil
@@ -351,7 +354,9 @@ func (a *app) routes() http.Handler {
 	mux.Handle("GET /api/v1/sessions", person(a.handleSessions()))
 	mux.Handle("GET /api/v1/sessions/{id}/messages", person(a.handleSessionMessages()))
 	mux.Handle("GET /api/v1/events", person(a.handleEvents()))
-	mux.Handle("GET /{$}", page) // the inbox page: no auth, it holds no data
+	mux.Handle("GET /api/v1/keys", person(a.handleListKeys()))          // issue 13
+	mux.Handle("DELETE /api/v1/keys/{id}", person(a.handleRevokeKey())) // issue 13
+	mux.Handle("GET /{$}", page)                                        // the inbox page: no auth, it holds no data
 	mux.Handle("GET /app.js", page)
 	mux.Handle("GET /app.css", page)
 

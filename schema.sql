@@ -100,3 +100,7 @@ DO $$ BEGIN
     ALTER TABLE api_keys ADD CONSTRAINT api_keys_scope_check CHECK (scope IN ('agent', 'person'));
 EXCEPTION WHEN duplicate_object THEN NULL;
 END $$;
+
+-- When a key was revoked (issue 13: keys an operator can see). is_active
+-- stays what verification reads; revoked_at is for people listing keys.
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS revoked_at timestamptz;

@@ -226,9 +226,9 @@ func (s *store) revokeAPIKey(ctx context.Context, idOrHash string) error {
 	var res sql.Result
 	var err error
 	if id, ok := parseUUID(idOrHash); ok {
-		res, err = s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false WHERE id = $1`, id)
+		res, err = s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false, revoked_at = COALESCE(revoked_at, now()) WHERE id = $1`, id)
 	} else {
-		res, err = s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false WHERE api_key_hash = $1`, idOrHash)
+		res, err = s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false, revoked_at = COALESCE(revoked_at, now()) WHERE api_key_hash = $1`, idOrHash)
 	}
 	if err != nil {
 		return fmt.Errorf("revoke api key: %w", err)
@@ -1092,4 +1092,75 @@ func (h *hub) wait(ctx context.Context, topic string, limit time.Duration, check
 			return false, ctx.Err()
 		}
 	}
+}
+
+// ---- key listing (issue 13) ----
+
+// keyInfo is what a person or an operator may see of a key: never the token
+// or its hash.
+type keyInfo struct {
+	ID         string
+	Name       string
+	Scope      string
+	Active     bool
+	CreatedAt  time.Time
+	LastUsedAt sql.NullTime
+	ExpiresAt  sql.NullTime
+	RevokedAt  sql.NullTime
+}
+
+// userIDByEmail returns the id of the user with this email, or errNotFound.
+// Unlike ensureUser it never creates one.
+func (s *store) userIDByEmail(ctx context.Context, email string) (string, error) {
+	var id string
+	err := s.db.QueryRowContext(ctx, `SELECT id FROM users WHERE email = $1`, email).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", errNotFound
+	}
+	if err != nil {
+		return "", fmt.Errorf("user by email: %w", err)
+	}
+	return id, nil
+}
+
+// listAPIKeys returns userID's keys, newest first.
+func (s *store) listAPIKeys(ctx context.Context, userID string) ([]keyInfo, error) {
+	rows, err := s.db.QueryContext(ctx, `
+		SELECT id, name, scope, is_active, created_at, last_used_at, expires_at, revoked_at
+		FROM api_keys WHERE user_id = $1
+		ORDER BY created_at DESC, id DESC`, userID)
+	if err != nil {
+		return nil, fmt.Errorf("list api keys: %w", err)
+	}
+	defer rows.Close()
+	keys := []keyInfo{}
+	for rows.Next() {
+		var k keyInfo
+		if err := rows.Scan(&k.ID, &k.Name, &k.Scope, &k.Active, &k.CreatedAt, &k.LastUsedAt, &k.ExpiresAt, &k.RevokedAt); err != nil {
+			return nil, fmt.Errorf("list api keys: %w", err)
+		}
+		keys = append(keys, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list api keys: %w", err)
+	}
+	return keys, nil
+}
+
+// revokeUserAPIKey revokes userID's key keyID (again: a no-op that keeps the
+// first revoked_at) and returns it; errNotFound when userID has no such key.
+func (s *store) revokeUserAPIKey(ctx context.Context, userID, keyID string) (keyInfo, error) {
+	var k keyInfo
+	err := s.db.QueryRowContext(ctx, `
+		UPDATE api_keys SET is_active = false, revoked_at = COALESCE(revoked_at, now())
+		WHERE id = $1 AND user_id = $2
+		RETURNING id, name, scope, is_active, created_at, last_used_at, expires_at, revoked_at`, keyID, userID).
+		Scan(&k.ID, &k.Name, &k.Scope, &k.Active, &k.CreatedAt, &k.LastUsedAt, &k.ExpiresAt, &k.RevokedAt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return keyInfo{}, errNotFound
+	}
+	if err != nil {
+		return keyInfo{}, fmt.Errorf("revoke user api key: %w", err)
+	}
+	return k, nil
 }
