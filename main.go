@@ -41,6 +41,7 @@ type config struct {
 	privateKey      string
 	questionTimeout time.Duration
 	callLimit       time.Duration // 0: an ask_question call waits up to questionTimeout
+	rateLimit       rateLimit     // issue 13: per key, per replica; zero is off
 }
 
 // loadConfig reads and checks the environment; a value that does not parse
@@ -74,6 +75,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if c.callLimit < 0 {
 		return c, errors.New("ASK_QUESTION_CALL_LIMIT must not be negative")
+	}
+	if c.rateLimit, err = rateLimitEnv(getenv); err != nil { // issue 13
+		return c, err
 	}
 	return c, nil
 }
@@ -335,12 +339,13 @@ type app struct {
 	// eventsKeepalive overrides how often the event stream sends a comment
 	// line (tests shorten it); zero means the default.
 	eventsKeepalive time.Duration
+	ops             opsState // issue 13: rate limits and metrics
 }
 
 // routes is the whole HTTP surface of agentline.
 func (a *app) routes() http.Handler {
 	mux := http.NewServeMux()
-	auth := func(h http.Handler) http.Handler { return requireKey(a.verifier, h) }
+	auth := func(h http.Handler) http.Handler { return requireKey(a.verifier, a.limitKey(h)) } // issue 13: limitKey
 	person := func(h http.Handler) http.Handler { return auth(requirePerson(h)) }
 	page := a.handlePage()
 
