@@ -42,6 +42,7 @@ type config struct {
 	questionTimeout time.Duration
 	callLimit       time.Duration // 0: an ask_question call waits up to questionTimeout
 	rateLimit       rateLimit     // issue 13: per key, per replica; zero is off
+	metricsAddr     string        // issue 13: METRICS_ADDR; empty: no metrics listener
 }
 
 // loadConfig reads and checks the environment; a value that does not parse
@@ -78,6 +79,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if c.rateLimit, err = rateLimitEnv(getenv); err != nil { // issue 13
 		return c, err
+	}
+	if c.metricsAddr = getenv("METRICS_ADDR"); checkMetricsAddr(c.metricsAddr) != nil { // issue 13
+		return c, checkMetricsAddr(c.metricsAddr)
 	}
 	return c, nil
 }
@@ -370,7 +374,7 @@ func (a *app) routes() http.Handler {
 	mux.Handle("/mcp/sse", auth(a.mcp.sse))
 
 	mux.Handle("/api/", a.handleNoRoute())
-	return mux
+	return a.instrument(mux) // issue 13: request metrics
 }
 
 func (a *app) handleNoRoute() http.HandlerFunc {
@@ -424,6 +428,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, stdout, stderr io.
 	a := &app{store: st, hub: h, log: log, cfg: cfg, stopping: stopping,
 		verifier: &verifier{keys: keys, store: st, log: log, now: time.Now}}
 	a.mcp = newMCPServer(a)
+	stopMetrics, err := a.serveMetrics(cfg.metricsAddr, log) // issue 13
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	srv := newHTTPServer(a.routes(), log)
 	port := ln.Addr().(*net.TCPAddr).Port
 	if firstRun {

@@ -410,6 +410,7 @@ func (m *mcpServer) questionLeft(q question) bool {
 // answered, superseded or ended (done), or until this call's limit or the
 // question's timeout passes, whichever is first (not done).
 func (m *mcpServer) awaitAnswer(ctx context.Context, who mcpCaller, id string, q question) (state questionState, ans message, done bool, err error) {
+	defer m.a.ops.metrics.answerWait()(&state, &ans) // issue 13: metrics
 	limit := time.Until(q.CreatedAt.Add(m.a.cfg.questionTimeout))
 	if l := m.a.cfg.callLimit; l > 0 && l < limit {
 		limit = l

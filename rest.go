@@ -376,6 +376,7 @@ func (a *app) handlePending() http.HandlerFunc {
 		}
 		c, _ := callerFrom(r.Context())
 		var msgs []message
+		defer a.ops.metrics.pendingWait()(&msgs) // issue 13: metrics
 		var stale bool
 		check := func() (bool, error) {
 			msgs, stale, err = a.store.pending(r.Context(), c.UserID, id, lastRead)

@@ -928,6 +928,8 @@ type hub struct {
 	listener *pq.Listener
 	log      *slog.Logger
 	pinging  atomic.Bool
+	// reconnects counts re-established LISTEN connections (issue 13: metrics).
+	reconnects atomic.Int64
 
 	mu     sync.Mutex
 	topics map[string]map[chan struct{}]struct{} // "s:"+session or "u:"+user
@@ -945,6 +947,7 @@ func newHub(ctx context.Context, dsn string, log *slog.Logger) (*hub, error) {
 			log.Warn("wait hub: listener disconnected", "err", err)
 		case pq.ListenerEventReconnected:
 			log.Info("wait hub: listener reconnected")
+			h.reconnects.Add(1) // issue 13
 		}
 	})
 	if err := h.listener.Listen(notifyChannel); err != nil {
