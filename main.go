@@ -346,34 +346,50 @@ type app struct {
 	ops             opsState // issue 13: rate limits and metrics
 }
 
-// routes is the whole HTTP surface of agentline.
-func (a *app) routes() http.Handler {
-	mux := http.NewServeMux()
+// route is one registration of routes(): a ServeMux pattern and its handler.
+type route struct {
+	pattern string
+	h       http.Handler
+}
+
+// routeTable is the whole HTTP surface of agentline, one line a route
+// (openapi_test.go walks it against openapi.json).
+func (a *app) routeTable() []route {
 	auth := func(h http.Handler) http.Handler { return requireKey(a.verifier, a.limitKey(h)) } // issue 13: limitKey
 	person := func(h http.Handler) http.Handler { return auth(requirePerson(h)) }
 	page := a.handlePage()
+	return []route{
+		{"GET /health", a.handleHealth()},
+		{"GET /api/v1/openapi.json", a.handleOpenAPI()}, // issue 13: no key
+		{"POST /api/v1/messages/agent", auth(a.handleAgentMessage())},
+		{"POST /api/v1/messages/user", auth(a.handleUserMessage())},
+		{"GET /api/v1/messages/pending", auth(a.handlePending())},
+		{"PATCH /api/v1/messages/{message_id}/request-input", auth(a.handleRequestInput())},
+		{"POST /api/v1/sessions/end", auth(a.handleEndSession())},
 
-	mux.Handle("GET /health", a.handleHealth())
-	mux.Handle("POST /api/v1/messages/agent", auth(a.handleAgentMessage()))
-	mux.Handle("POST /api/v1/messages/user", auth(a.handleUserMessage()))
-	mux.Handle("GET /api/v1/messages/pending", auth(a.handlePending()))
-	mux.Handle("PATCH /api/v1/messages/{message_id}/request-input", auth(a.handleRequestInput()))
-	mux.Handle("POST /api/v1/sessions/end", auth(a.handleEndSession()))
+		{"GET /api/v1/sessions", person(a.handleSessions())},
+		{"GET /api/v1/sessions/{id}/messages", person(a.handleSessionMessages())},
+		{"GET /api/v1/events", person(a.handleEvents())},
+		{"GET /api/v1/keys", person(a.handleListKeys())},          // issue 13
+		{"DELETE /api/v1/keys/{id}", person(a.handleRevokeKey())}, // issue 13
+		{"GET /{$}", page}, // the inbox page: no auth, it holds no data
+		{"GET /app.js", page},
+		{"GET /app.css", page},
 
-	mux.Handle("GET /api/v1/sessions", person(a.handleSessions()))
-	mux.Handle("GET /api/v1/sessions/{id}/messages", person(a.handleSessionMessages()))
-	mux.Handle("GET /api/v1/events", person(a.handleEvents()))
-	mux.Handle("GET /api/v1/keys", person(a.handleListKeys()))          // issue 13
-	mux.Handle("DELETE /api/v1/keys/{id}", person(a.handleRevokeKey())) // issue 13
-	mux.Handle("GET /{$}", page)                                        // the inbox page: no auth, it holds no data
-	mux.Handle("GET /app.js", page)
-	mux.Handle("GET /app.css", page)
+		{"/mcp", auth(a.mcp.streamable)},
+		{"/mcp/", auth(a.mcp.streamable)},
+		{"/mcp/sse", auth(a.mcp.sse)},
 
-	mux.Handle("/mcp", auth(a.mcp.streamable))
-	mux.Handle("/mcp/", auth(a.mcp.streamable))
-	mux.Handle("/mcp/sse", auth(a.mcp.sse))
+		{"/api/", a.handleNoRoute()},
+	}
+}
 
-	mux.Handle("/api/", a.handleNoRoute())
+// routes is the HTTP handler of agentline: routeTable on a ServeMux.
+func (a *app) routes() http.Handler {
+	mux := http.NewServeMux()
+	for _, rt := range a.routeTable() {
+		mux.Handle(rt.pattern, rt.h)
+	}
 	return a.instrument(mux) // issue 13: request metrics
 }
 

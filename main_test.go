@@ -278,6 +278,7 @@ func (e *testEnv) call(t testing.TB, method, path, key string, body any) (int, [
 	}
 	defer resp.Body.Close()
 	out, _ := io.ReadAll(resp.Body)
+	checkOpenAPIResponse(t, req, resp, out) // issue 13: every REST answer matches openapi.json
 	return resp.StatusCode, out
 }
 
