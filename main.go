@@ -43,17 +43,21 @@ type config struct {
 	callLimit       time.Duration // 0: an ask_question call waits up to questionTimeout
 	rateLimit       rateLimit     // issue 13: per key, per replica; zero is off
 	metricsAddr     string        // issue 13: METRICS_ADDR; empty: no metrics listener
+	// issue 13: DATABASE_LISTEN_URL, a direct connection for LISTEN only
+	// (DATABASE_URL may then be a transaction pooler); empty: DATABASE_URL.
+	databaseListenURL string
 }
 
 // loadConfig reads and checks the environment; a value that does not parse
 // stops start-up with a message naming the variable.
 func loadConfig(getenv func(string) string) (config, error) {
 	c := config{
-		databaseURL: getenv("DATABASE_URL"),
-		dataDir:     getenv("AGENTLINE_DATA"),
-		port:        getenv("MCP_SERVER_PORT"),
-		publicKey:   getenv("JWT_PUBLIC_KEY"),
-		privateKey:  getenv("JWT_PRIVATE_KEY"),
+		databaseURL:       getenv("DATABASE_URL"),
+		databaseListenURL: getenv("DATABASE_LISTEN_URL"), // issue 13
+		dataDir:           getenv("AGENTLINE_DATA"),
+		port:              getenv("MCP_SERVER_PORT"),
+		publicKey:         getenv("JWT_PUBLIC_KEY"),
+		privateKey:        getenv("JWT_PRIVATE_KEY"),
 	}
 	if c.dataDir == "" {
 		c.dataDir = "agentline-data"
@@ -433,7 +437,10 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, stdout, stderr io.
 		return err
 	}
 	st := &store{db: db}
-	h, err := newHub(ctx, dsn, log)
+	if err := probeListen(ctx, st, cfg.listenDSN(dsn), cfg.databaseListenURL != ""); err != nil { // issue 13
+		return err
+	}
+	h, err := newHub(ctx, cfg.listenDSN(dsn), log) // issue 13: listenDSN
 	if err != nil {
 		return err
 	}

@@ -1167,3 +1167,11 @@ func (s *store) revokeUserAPIKey(ctx context.Context, userID, keyID string) (key
 	}
 	return k, nil
 }
+
+// ---- PostgreSQL behind a pooler (issue 13) ----
+
+// notifyProbe sends the start-up LISTEN check's notification on channel.
+func (s *store) notifyProbe(ctx context.Context, channel string) error {
+	_, err := s.db.ExecContext(ctx, `SELECT pg_notify($1, 'probe')`, channel)
+	return err
+}
