@@ -52,12 +52,11 @@ type config struct {
 // stops start-up with a message naming the variable.
 func loadConfig(getenv func(string) string) (config, error) {
 	c := config{
-		databaseURL:       getenv("DATABASE_URL"),
-		databaseListenURL: getenv("DATABASE_LISTEN_URL"), // issue 13
-		dataDir:           getenv("AGENTLINE_DATA"),
-		port:              getenv("MCP_SERVER_PORT"),
-		publicKey:         getenv("JWT_PUBLIC_KEY"),
-		privateKey:        getenv("JWT_PRIVATE_KEY"),
+		databaseURL: getenv("DATABASE_URL"),
+		dataDir:     getenv("AGENTLINE_DATA"),
+		port:        getenv("MCP_SERVER_PORT"),
+		publicKey:   getenv("JWT_PUBLIC_KEY"),
+		privateKey:  getenv("JWT_PRIVATE_KEY"),
 	}
 	if c.dataDir == "" {
 		c.dataDir = "agentline-data"
@@ -81,11 +80,8 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if c.callLimit < 0 {
 		return c, errors.New("ASK_QUESTION_CALL_LIMIT must not be negative")
 	}
-	if c.rateLimit, err = rateLimitEnv(getenv); err != nil { // issue 13
+	if err := loadOpsConfig(&c, getenv); err != nil { // issue 13
 		return c, err
-	}
-	if c.metricsAddr = getenv("METRICS_ADDR"); checkMetricsAddr(c.metricsAddr) != nil { // issue 13
-		return c, checkMetricsAddr(c.metricsAddr)
 	}
 	return c, nil
 }

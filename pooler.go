@@ -25,6 +25,24 @@ import (
 	"github.com/lib/pq"
 )
 
+// loadOpsConfig reads issue 13's variables into c: RATE_LIMIT,
+// METRICS_ADDR and DATABASE_LISTEN_URL.
+func loadOpsConfig(c *config, getenv func(string) string) error {
+	var err error
+	if c.rateLimit, err = rateLimitEnv(getenv); err != nil {
+		return err
+	}
+	c.metricsAddr = getenv("METRICS_ADDR")
+	if err := checkMetricsAddr(c.metricsAddr); err != nil {
+		return err
+	}
+	c.databaseListenURL = getenv("DATABASE_LISTEN_URL")
+	if c.databaseListenURL != "" && c.databaseURL == "" {
+		return errors.New("DATABASE_LISTEN_URL is set without DATABASE_URL: it names the direct connection for LISTEN beside a pooled DATABASE_URL; unset it for the embedded database")
+	}
+	return nil
+}
+
 // listenDSN is the DSN of the hub's LISTEN connection: DATABASE_LISTEN_URL
 // when set, else the database's own DSN.
 func (c config) listenDSN(dsn string) string {

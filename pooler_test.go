@@ -356,3 +356,22 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestListenURLConfig: DATABASE_LISTEN_URL is used for LISTEN when set, and
+// refused without DATABASE_URL (the embedded database needs none).
+func TestListenURLConfig(t *testing.T) {
+	t.Parallel()
+	env := map[string]string{"DATABASE_LISTEN_URL": "host=/tmp dbname=x"}
+	if _, err := loadConfig(func(k string) string { return env[k] }); err == nil || !strings.Contains(err.Error(), "DATABASE_LISTEN_URL") {
+		t.Errorf("DATABASE_LISTEN_URL without DATABASE_URL: %v", err)
+	}
+	env["DATABASE_URL"] = "host=pooler dbname=x"
+	c, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil || c.listenDSN("host=pooler dbname=x") != "host=/tmp dbname=x" {
+		t.Errorf("listen DSN %q, %v", c.listenDSN("host=pooler dbname=x"), err)
+	}
+	delete(env, "DATABASE_LISTEN_URL")
+	if c, _ := loadConfig(func(k string) string { return env[k] }); c.listenDSN("host=pooler dbname=x") != "host=pooler dbname=x" {
+		t.Errorf("without DATABASE_LISTEN_URL the listener uses %q", c.listenDSN("host=pooler dbname=x"))
+	}
+}
