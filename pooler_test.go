@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -8,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -238,8 +240,9 @@ func TestPgBouncerProbe(t *testing.T) {
 // TestPgBouncerFlows: two replicas whose every query goes through PgBouncer
 // in transaction mode (LISTEN direct, as DATABASE_LISTEN_URL sets it): the
 // REST and MCP flows work, a long-poll and an MCP question waiting on one
-// replica are answered through the other, keys are listed and revoked, and
-// the schema migrates through the pooler.
+// replica are answered through the other, the read API, the event stream,
+// request-input and end work, keys are listed and revoked, and the schema
+// migrates through the pooler: every statement of the store runs there.
 func TestPgBouncerFlows(t *testing.T) {
 	t.Parallel()
 	_, direct := mustDB(t)
@@ -330,6 +333,47 @@ func TestPgBouncerFlows(t *testing.T) {
 	if code != 200 || len(mustJSON(t, body)["keys"].([]any)) != 2 {
 		t.Fatalf("keys: %d %s", code, body)
 	}
+	// The read API, the event stream, request-input and end: the rest of
+	// the statements, through the pooler.
+	if code, body := a.call(t, "GET", "/api/v1/sessions?status=ACTIVE", person, nil); code != 200 || len(mustJSON(t, body)["sessions"].([]any)) != 1 {
+		t.Fatalf("sessions: %d %s", code, body)
+	}
+	streamCtx, stopStream := context.WithTimeout(context.Background(), 15*time.Second)
+	defer stopStream()
+	req, _ := http.NewRequestWithContext(streamCtx, "GET", b.srv.URL+"/api/v1/events", nil)
+	req.Header.Set("Authorization", "Bearer "+person)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("events: %v %v", err, resp)
+	}
+	defer resp.Body.Close()
+	lines := bufio.NewScanner(resp.Body)
+	next := func(prefix string) string {
+		t.Helper()
+		for lines.Scan() {
+			if strings.HasPrefix(lines.Text(), prefix) {
+				return lines.Text()
+			}
+		}
+		t.Fatalf("event stream ended before %q: %v", prefix, lines.Err())
+		return ""
+	}
+	next("event: ready")
+	code, step := a.call(t, "POST", "/api/v1/messages/agent", agent, map[string]any{"agent_instance_id": sid, "content": "streamed step"})
+	if code != 200 {
+		t.Fatalf("agent message: %d %s", code, step)
+	}
+	next("event: message")
+	if data := next("data: "); !strings.Contains(data, "streamed step") {
+		t.Fatalf("event data %s", data)
+	}
+	if code, body := a.call(t, "PATCH", "/api/v1/messages/"+mustJSON(t, step)["message_id"].(string)+"/request-input", agent, nil); code != 200 {
+		t.Fatalf("request-input: %d %s", code, body)
+	}
+	if code, body := b.call(t, "POST", "/api/v1/sessions/end", agent, map[string]any{"agent_instance_id": sid}); code != 200 {
+		t.Fatalf("end: %d %s", code, body)
+	}
+
 	// Revoking through the pooler cuts the key off on both replicas.
 	var agentKeyID string
 	for _, k := range mustJSON(t, body)["keys"].([]any) {
