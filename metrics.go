@@ -73,6 +73,30 @@ type metrics struct {
 	requests  map[requestLabels]uint64
 	durations map[string]*histogram // by route
 	answers   map[string]*histogram // by "ask_question" or "pending"
+	// Notifications (for the notification channels, once they exist):
+	// deliveries by kind and result, and a function reporting the outbox
+	// backlog (nil: not exported).
+	deliveries    map[[2]string]uint64
+	outboxBacklog func() (int64, error)
+}
+
+// observeDelivery counts one notification delivery attempt: kind is the
+// channel ("webhook", "email", …), result "ok", "failed", "retry" or the like.
+// Both must come from a fixed set in code, never from user input.
+func (m *metrics) observeDelivery(kind, result string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.deliveries == nil {
+		m.deliveries = map[[2]string]uint64{}
+	}
+	m.deliveries[[2]string{kind, result}]++
+}
+
+// setOutboxBacklog makes the metrics report f() as the outbox backlog.
+func (m *metrics) setOutboxBacklog(f func() (int64, error)) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.outboxBacklog = f
 }
 
 // observeRequest records one finished request.
@@ -263,7 +287,25 @@ func (a *app) writeMetrics(w io.Writer) {
 	for _, via := range sortedKeys(m.answers) {
 		writeHistogram(w, "agentline_answer_latency_seconds", `via="`+via+`",`, m.answers[via])
 	}
+	if len(m.deliveries) > 0 {
+		help("agentline_notification_deliveries_total", "counter", "Notification deliveries by channel kind and result.")
+		keys := make([][2]string, 0, len(m.deliveries))
+		for k := range m.deliveries {
+			keys = append(keys, k)
+		}
+		slices.SortFunc(keys, func(x, y [2]string) int { return strings.Compare(x[0]+"\x00"+x[1], y[0]+"\x00"+y[1]) })
+		for _, k := range keys {
+			fmt.Fprintf(w, "agentline_notification_deliveries_total{kind=\"%s\",result=\"%s\"} %d\n", labelValue(k[0]), labelValue(k[1]), m.deliveries[k])
+		}
+	}
+	backlog := m.outboxBacklog
 	m.mu.Unlock()
+	if backlog != nil {
+		if n, err := backlog(); err == nil {
+			help("agentline_outbox_backlog", "gauge", "Notifications waiting in the outbox.")
+			fmt.Fprintf(w, "agentline_outbox_backlog %d\n", n)
+		}
+	}
 
 	help("agentline_questions_waiting", "gauge", "ask_question calls waiting for an answer now.")
 	fmt.Fprintf(w, "agentline_questions_waiting %d\n", m.questionsWaited.Load())

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -253,3 +254,30 @@ type nopWriter struct{ h http.Header }
 func (w *nopWriter) Header() http.Header         { return w.h }
 func (w *nopWriter) Write(b []byte) (int, error) { return len(b), nil }
 func (w *nopWriter) WriteHeader(int)             {}
+
+// TestMetricsNotifications: the hooks the notification channels will call
+// show up as agentline_notification_deliveries_total and
+// agentline_outbox_backlog, in text the Prometheus parser reads.
+func TestMetricsNotifications(t *testing.T) {
+	t.Parallel()
+	a := &app{}
+	srv := httptest.NewServer(a.metricsHandler())
+	defer srv.Close()
+	if fams := scrapeMetrics(t, srv.URL+"/metrics"); fams["agentline_notification_deliveries_total"] != nil || fams["agentline_outbox_backlog"] != nil {
+		t.Fatal("notification metrics before any notification code uses them")
+	}
+	a.ops.metrics.observeDelivery("webhook", "ok")
+	a.ops.metrics.observeDelivery("webhook", "ok")
+	a.ops.metrics.observeDelivery("email", "failed")
+	a.ops.metrics.setOutboxBacklog(func() (int64, error) { return 7, nil })
+	fams := scrapeMetrics(t, srv.URL+"/metrics")
+	if v := metricValue(fams, "agentline_notification_deliveries_total", map[string]string{"kind": "webhook", "result": "ok"}); v != 2 {
+		t.Errorf("webhook ok %v", v)
+	}
+	if v := metricValue(fams, "agentline_notification_deliveries_total", map[string]string{"kind": "email", "result": "failed"}); v != 1 {
+		t.Errorf("email failed %v", v)
+	}
+	if v := metricValue(fams, "agentline_outbox_backlog", nil); v != 7 {
+		t.Errorf("backlog %v", v)
+	}
+}
