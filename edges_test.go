@@ -430,7 +430,7 @@ func TestQuestionTimeoutUsesDatabaseClock(t *testing.T) {
 		`CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql STABLE AS $$ SELECT pg_catalog.now() - interval '2 hours' $$`,
 		`ALTER TABLE messages ALTER COLUMN created_at SET DEFAULT public.now()`,
 		`ALTER TABLE agent_instances ALTER COLUMN last_activity_at SET DEFAULT public.now()`,
-		`ALTER DATABASE ` + dbNameOf(t, db) + ` SET search_path = public, pg_catalog`,
+		`ALTER DATABASE ` + dbNameOf(t, dsn) + ` SET search_path = public, pg_catalog`,
 	} {
 		if _, err := db.Exec(q); err != nil {
 			t.Fatal(err)
@@ -445,15 +445,6 @@ func TestQuestionTimeoutUsesDatabaseClock(t *testing.T) {
 	if out := mcpTOut(t, res); out["status"] != "pending" {
 		t.Fatalf("a question asked a second ago: %v", out)
 	}
-}
-
-func dbNameOf(t *testing.T, db *sql.DB) string {
-	t.Helper()
-	var name string
-	if err := db.QueryRow(`SELECT current_database()`).Scan(&name); err != nil {
-		t.Fatal(err)
-	}
-	return name
 }
 
 // Ending a session ends every long-poll on it at once, and pending says

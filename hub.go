@@ -27,6 +27,8 @@ type hub struct {
 	listener *pq.Listener
 	log      *slog.Logger
 	pinging  atomic.Bool
+	// reconnects counts re-established LISTEN connections (metrics).
+	reconnects atomic.Int64
 
 	mu     sync.Mutex
 	topics map[string]map[chan struct{}]struct{} // "s:"+session or "u:"+user
@@ -46,6 +48,7 @@ func newHub(ctx context.Context, dsn string, log *slog.Logger) (*hub, error) {
 			log.Warn("wait hub: listener disconnected", "err", err)
 		case pq.ListenerEventReconnected:
 			log.Info("wait hub: listener reconnected")
+			h.reconnects.Add(1)
 		}
 	})
 	listening := make(chan error, 1)

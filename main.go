@@ -43,8 +43,13 @@ type config struct {
 	callLimit       time.Duration // 0: an ask_question call waits up to questionTimeout
 	keyRecheck      time.Duration // how often a long-lived connection's key is checked again
 	// notifications (issue 11)
-	publicURL          string // PUBLIC_URL: where people reach the inbox, for links ("" until serve knows the port)
-	notifyAllowPrivate bool   // NOTIFY_ALLOW_PRIVATE=1: channels may reach private addresses
+	publicURL          string    // PUBLIC_URL: where people reach the inbox, for links ("" until serve knows the port)
+	notifyAllowPrivate bool      // NOTIFY_ALLOW_PRIVATE=1: channels may reach private addresses
+	rateLimit          rateLimit // issue 13: per key, per replica; zero is off
+	metricsAddr        string    // issue 13: METRICS_ADDR; empty: no metrics listener
+	// issue 13: DATABASE_LISTEN_URL, a direct connection for LISTEN only
+	// (DATABASE_URL may then be a transaction pooler); empty: DATABASE_URL.
+	databaseListenURL string
 }
 
 // loadConfig reads and checks the environment; a value that does not parse
@@ -89,6 +94,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if err := loadNotifyConfig(getenv, &c); err != nil { // notifications (issue 11)
 		return c, err
 	}
+	if err := loadOpsConfig(&c, getenv); err != nil { // issue 13
+		return c, err
+	}
 	return c, nil
 }
 
@@ -115,6 +123,7 @@ const usage = `usage:
   agentline token -user EMAIL [-name N] [-ttl 720h] [-scope agent|person]
                                     register a new API key and print it
   agentline revoke KEY_OR_ID        revoke an API key
+  agentline keys -user EMAIL        list a user's API keys (never the keys themselves)
   agentline notify add|list|remove|test …
                                     manage notification channels (agentline notify for help)`
 
@@ -151,6 +160,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return runRevoke(ctx, cfg, rest, stderr)
 	case "notify": // notifications (issue 11)
 		return runNotify(ctx, cfg, rest, stdout, stderr)
+	case "keys": // issue 13
+		return runKeys(ctx, cfg, rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprintln(stdout, usage)
 		return nil
@@ -271,7 +282,7 @@ func runRevoke(ctx context.Context, cfg config, args []string, stderr io.Writer)
 // for the hub's listener and a function that closes the pool and stops a
 // PostgreSQL it started.
 func openStore(ctx context.Context, cfg config, logw io.Writer) (*store, string, func(), error) {
-	dsn := cfg.databaseURL
+	dsn := cfg.pooledDSN()
 	var pg *localPG
 	if dsn == "" {
 		if err := os.MkdirAll(cfg.dataDir, 0o711); err != nil {
@@ -348,6 +359,7 @@ type app struct {
 	// eventsKeepalive overrides how often the event stream sends a comment
 	// line (tests shorten it); zero means the default.
 	eventsKeepalive time.Duration
+	ops             opsState // issue 13: rate limits and metrics
 }
 
 // newApp builds the service over st and h (opts adjust it first: tests) and
@@ -366,37 +378,55 @@ func newApp(st *store, h *hub, keys []publicKey, cfg config, log *slog.Logger, o
 	return a, stop
 }
 
-// routes is the whole HTTP surface of agentline.
-func (a *app) routes() http.Handler {
-	mux := http.NewServeMux()
-	auth := func(h http.Handler) http.Handler { return requireKey(a.verifier, h) }
+// route is one registration of routes(): a ServeMux pattern and its handler.
+type route struct {
+	pattern string
+	h       http.Handler
+}
+
+// routeTable is the whole HTTP surface of agentline, one line a route
+// (openapi_test.go walks it against openapi.json).
+func (a *app) routeTable() []route {
+	auth := func(h http.Handler) http.Handler { return requireKey(a.verifier, a.limitKey(h)) }
 	person := func(h http.Handler) http.Handler { return auth(requirePerson(h)) }
 	page := a.handlePage()
+	return []route{
+		{"GET /health", a.handleHealth()},
+		{"GET /api/v1/openapi.json", a.handleOpenAPI()}, // no key: it describes, it holds no data
+		{"POST /api/v1/messages/agent", auth(a.handleAgentMessage())},
+		{"POST /api/v1/messages/user", auth(a.handleUserMessage())},
+		{"GET /api/v1/messages/pending", auth(a.handlePending())},
+		{"PATCH /api/v1/messages/{message_id}/request-input", auth(a.handleRequestInput())},
+		{"POST /api/v1/sessions/end", auth(a.handleEndSession())},
 
-	mux.Handle("GET /health", a.handleHealth())
-	mux.Handle("POST /api/v1/messages/agent", auth(a.handleAgentMessage()))
-	mux.Handle("POST /api/v1/messages/user", auth(a.handleUserMessage()))
-	mux.Handle("GET /api/v1/messages/pending", auth(a.handlePending()))
-	mux.Handle("PATCH /api/v1/messages/{message_id}/request-input", auth(a.handleRequestInput()))
-	mux.Handle("POST /api/v1/sessions/end", auth(a.handleEndSession()))
+		{"GET /api/v1/sessions", person(a.handleSessions())},
+		{"GET /api/v1/sessions/{id}/messages", person(a.handleSessionMessages())},
+		{"GET /api/v1/events", person(a.handleEvents())},
+		{"GET /api/v1/keys", person(a.handleListKeys())},
+		{"DELETE /api/v1/keys/{id}", person(a.handleRevokeKey())},
+		{"GET /api/v1/notification-channels", person(a.handleListChannels())},
+		{"POST /api/v1/notification-channels", person(a.handleCreateChannel())},
+		{"DELETE /api/v1/notification-channels/{id}", person(a.handleDeleteChannel())},
+		{"POST /api/v1/notification-channels/{id}/test", person(a.handleTestChannel())},
+		{"GET /{$}", page}, // the inbox page: no auth, it holds no data
+		{"GET /app.js", page},
+		{"GET /app.css", page},
 
-	mux.Handle("GET /api/v1/sessions", person(a.handleSessions()))
-	mux.Handle("GET /api/v1/sessions/{id}/messages", person(a.handleSessionMessages()))
-	mux.Handle("GET /api/v1/events", person(a.handleEvents()))
-	mux.Handle("GET /api/v1/notification-channels", person(a.handleListChannels()))
-	mux.Handle("POST /api/v1/notification-channels", person(a.handleCreateChannel()))
-	mux.Handle("DELETE /api/v1/notification-channels/{id}", person(a.handleDeleteChannel()))
-	mux.Handle("POST /api/v1/notification-channels/{id}/test", person(a.handleTestChannel()))
-	mux.Handle("GET /{$}", page) // the inbox page: no auth, it holds no data
-	mux.Handle("GET /app.js", page)
-	mux.Handle("GET /app.css", page)
+		{"/mcp", auth(a.mcp.streamable)},
+		{"/mcp/", auth(a.mcp.streamable)},
+		{"/mcp/sse", auth(a.mcp.sse)},
 
-	mux.Handle("/mcp", auth(a.mcp.streamable))
-	mux.Handle("/mcp/", auth(a.mcp.streamable))
-	mux.Handle("/mcp/sse", auth(a.mcp.sse))
+		{"/api/", a.handleNoRoute()},
+	}
+}
 
-	mux.Handle("/api/", a.handleNoRoute())
-	return mux
+// routes is the HTTP handler of agentline: routeTable on a ServeMux.
+func (a *app) routes() http.Handler {
+	mux := http.NewServeMux()
+	for _, rt := range a.routeTable() {
+		mux.Handle(rt.pattern, rt.h)
+	}
+	return a.instrument(mux) // request metrics
 }
 
 func (a *app) handleNoRoute() http.HandlerFunc {
@@ -435,7 +465,10 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, stdout, stderr io.
 		return err
 	}
 	defer closeDB()
-	h, err := newHub(ctx, dsn, log)
+	if err := probeListen(ctx, st, cfg.listenDSN(dsn), cfg.databaseListenURL != ""); err != nil {
+		return err
+	}
+	h, err := newHub(ctx, cfg.listenDSN(dsn), log)
 	if err != nil {
 		return err
 	}
@@ -443,6 +476,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger, stdout, stderr io.
 
 	a, beginStop := newApp(st, h, keys, cfg, log)
 	defer beginStop()
+	stopMetrics, err := a.serveMetrics(cfg.metricsAddr, log)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	srv := newHTTPServer(a.routes(), log)
 	port := ln.Addr().(*net.TCPAddr).Port
 	a.notify = startNotifier(a, port) // notifications (issue 11)

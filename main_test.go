@@ -188,7 +188,10 @@ func newTestEnvOn(t testing.TB, dsn string, signer crypto.Signer, opts ...envOpt
 	pub := publicKey{key: signer.Public(), alg: "EdDSA", kid: fingerprint(signer.Public())}
 	cfg := config{questionTimeout: 24 * time.Hour, callLimit: 280 * time.Second, keyRecheck: time.Minute}
 	// The notifier first, so options can adjust it; loopback receivers allowed.
-	withNotifier := func(a *app) { a.notify = newNotifier(a.store, h, log, "http://inbox.test", true) }
+	withNotifier := func(a *app) {
+		a.notify = newNotifier(a.store, h, log, "http://inbox.test", true)
+		a.measureNotifier(a.notify)
+	}
 	a, stop := newApp(&store{db: db}, h, []publicKey{pub}, cfg, log, append([]envOption{withNotifier}, opts...)...)
 	a.notify.start() // notifications (issue 11)
 	srv := httptest.NewServer(a.routes())
@@ -275,6 +278,7 @@ func (e *testEnv) call(t testing.TB, method, path, key string, body any) (int, [
 	}
 	defer resp.Body.Close()
 	out, _ := io.ReadAll(resp.Body)
+	checkOpenAPIResponse(t, req, resp, out) // issue 13: every REST answer matches openapi.json
 	return resp.StatusCode, out
 }
 

@@ -354,6 +354,7 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 	wctx, release := m.a.keys.hold(ctx, who.caller, 0)
 	defer release()
 	var o outcome
+	defer m.a.ops.metrics.answerWait()(&o.State, &o.Answer)
 	_, err = m.a.wait(wctx, "s:"+id, max(limit, time.Millisecond), func() (bool, error) {
 		var err error
 		o, err = m.a.store.questionOutcome(ctx, who.UserID, id, q, timeout, false)

@@ -68,9 +68,10 @@ type notifier struct {
 	maxInFlight    int
 	limits         deliveryLimits
 
-	client *http.Client
-	cancel context.CancelFunc
-	done   chan struct{}
+	client  *http.Client
+	cancel  context.CancelFunc
+	done    chan struct{}
+	observe func(kind, result string) // counts each attempt's outcome (metrics); nil: none
 }
 
 // newNotifier returns a notifier with the default rules; start runs it.
@@ -183,6 +184,13 @@ func (n *notifier) deliver(ctx context.Context, d delivery) {
 		// The row keeps its lease and is tried again when it ends.
 		n.log.Warn("notifications: record failed", "delivery", d.ID, "err", err)
 		return
+	}
+	if n.observe != nil {
+		result := status // sent or failed; pending again means a retry is due
+		if status == "pending" {
+			result = "retry"
+		}
+		n.observe(d.Channel.Kind, result)
 	}
 	// Never the URL (an ntfy topic is a secret of its own) nor the body.
 	n.log.Debug("notification attempt", "delivery", d.ID, "channel", d.ChannelID, "event", d.EventKind,

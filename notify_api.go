@@ -370,6 +370,7 @@ func startNotifier(a *app, port int) *notifier {
 		pub = fmt.Sprintf("http://localhost:%d", port)
 	}
 	n := newNotifier(a.store, a.hub, a.log, pub, a.cfg.notifyAllowPrivate)
+	a.measureNotifier(n)
 	n.start()
 	return n
 }

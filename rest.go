@@ -448,6 +448,7 @@ func (a *app) handlePending() http.HandlerFunc {
 			return nil, err
 		}
 		var msgs []message
+		defer a.ops.metrics.pendingWait()(&msgs) // issue 13: metrics
 		var stale bool
 		var status string
 		check := func() (bool, error) {

@@ -188,3 +188,6 @@ CREATE INDEX IF NOT EXISTS notification_deliveries_summary
     ON notification_deliveries (summary_id) WHERE summary_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS notification_deliveries_channel
     ON notification_deliveries (channel_id);
+-- When a key was revoked (issue 13: keys an operator can see). is_active
+-- stays what verification reads; revoked_at is for people listing keys.
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS revoked_at timestamptz;

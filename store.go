@@ -233,7 +233,9 @@ func (s *store) revokeAPIKey(ctx context.Context, idOrHash string) error {
 	if id, ok := parseUUID(idOrHash); ok {
 		column, idOrHash = "id", id
 	}
-	res, err := s.db.ExecContext(ctx, `UPDATE api_keys SET is_active = false WHERE `+column+` = $1`, idOrHash)
+	res, err := s.db.ExecContext(ctx, `
+		UPDATE api_keys SET is_active = false, revoked_at = COALESCE(revoked_at, now())
+		WHERE `+column+` = $1`, idOrHash)
 	if err != nil {
 		return fmt.Errorf("revoke api key: %w", err)
 	}
@@ -1370,4 +1372,75 @@ func (s *store) nextDelivery(ctx context.Context) (time.Duration, bool, error) {
 		return 0, false, nil
 	}
 	return time.Duration(secs.Float64 * float64(time.Second)), true, nil
+}
+
+// outboxBacklog counts the deliveries waiting to be sent, for every user (an
+// operator's metric: no user's data leaves it).
+func (s *store) outboxBacklog(ctx context.Context) (int64, error) {
+	var n int64
+	err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM notification_deliveries WHERE status = 'pending'`).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("outbox backlog: %w", err)
+	}
+	return n, nil
+}
+
+// ---- key listing ----
+
+// keyInfo is what a person or an operator may see of a key: never the token
+// or its hash.
+type keyInfo struct {
+	ID         string
+	Name       string
+	Scope      string
+	Active     bool
+	CreatedAt  time.Time
+	LastUsedAt sql.NullTime
+	ExpiresAt  sql.NullTime
+	RevokedAt  sql.NullTime
+}
+
+func scanKeyInfo(k *keyInfo) []any {
+	return []any{&k.ID, &k.Name, &k.Scope, &k.Active, &k.CreatedAt, &k.LastUsedAt, &k.ExpiresAt, &k.RevokedAt}
+}
+
+// listAPIKeys returns userID's keys, newest first.
+func (s *store) listAPIKeys(ctx context.Context, userID string) ([]keyInfo, error) {
+	keys, err := queryAll(ctx, s.db, scanKeyInfo, `
+		SELECT id, name, scope, is_active, created_at, last_used_at, expires_at, revoked_at
+		FROM api_keys WHERE user_id = $1
+		ORDER BY created_at DESC, id DESC`, userID)
+	if err != nil {
+		return nil, fmt.Errorf("list api keys: %w", err)
+	}
+	if keys == nil {
+		keys = []keyInfo{}
+	}
+	return keys, nil
+}
+
+// revokeUserAPIKey revokes userID's key keyID (again: a no-op that keeps the
+// first revoked_at) and returns it; errNotFound when userID has no such key.
+func (s *store) revokeUserAPIKey(ctx context.Context, userID, keyID string) (keyInfo, error) {
+	var k keyInfo
+	err := s.db.QueryRowContext(ctx, `
+		UPDATE api_keys SET is_active = false, revoked_at = COALESCE(revoked_at, now())
+		WHERE id = $1 AND user_id = $2
+		RETURNING id, name, scope, is_active, created_at, last_used_at, expires_at, revoked_at`, keyID, userID).
+		Scan(scanKeyInfo(&k)...)
+	if errors.Is(err, sql.ErrNoRows) {
+		return keyInfo{}, errNotFound
+	}
+	if err != nil {
+		return keyInfo{}, fmt.Errorf("revoke user api key: %w", err)
+	}
+	return k, nil
+}
+
+// ---- PostgreSQL behind a pooler ----
+
+// notifyProbe sends the start-up LISTEN check's notification on channel.
+func (s *store) notifyProbe(ctx context.Context, channel string) error {
+	_, err := s.db.ExecContext(ctx, `SELECT pg_notify($1, 'probe')`, channel)
+	return err
 }

@@ -150,6 +150,8 @@
     $('questions').replaceChildren();
     $('sessions').replaceChildren();
     $('timeline').replaceChildren();
+    $('keys').replaceChildren();
+    $('keys-box').open = false;
     $('inbox').hidden = true;
     $('signout').hidden = true;
     $('notify').hidden = true;
@@ -721,6 +723,61 @@
     $('channel-url').placeholder = ntfy ? 'https://ntfy.example.com/my-secret-topic' : 'https://example.com/agentline-hook';
   }
 
+  // ---- keys ----
+
+  // loadKeys shows the user's keys (GET /api/v1/keys) with a Revoke button
+  // on each active one. The list never holds a key, only names and times.
+  async function loadKeys() {
+    if (!state.key) return;
+    try {
+      const data = await api('GET', '/api/v1/keys');
+      $('keys').replaceChildren(...data.keys.map(keyItem));
+      $('keys-error').textContent = '';
+    } catch (e) {
+      $('keys-error').textContent = 'Could not load the keys: ' + e.message;
+    }
+  }
+
+  function keyItem(k) {
+    const li = el('li', 'key' + (k.active ? '' : ' revoked'));
+    li.dataset.key = k.id;
+    const top = el('div', 'row');
+    top.append(el('span', 'agent', k.name || shortId(k.id)), el('span', 'status', k.scope));
+    if (k.current) top.append(el('span', 'meta', 'this browser'));
+    const parts = ['created ' + clock(k.created_at), k.last_used_at ? 'last used ' + ago(k.last_used_at) : 'never used'];
+    if (k.expires_at) parts.push('expires ' + clock(k.expires_at));
+    if (k.revoked_at) parts.push('revoked ' + clock(k.revoked_at));
+    else if (!k.active) parts.push('revoked');
+    li.append(top, el('p', 'meta', parts.join(' · ')));
+    if (k.active) {
+      const actions = el('div', 'actions');
+      const b = el('button', 'danger', 'Revoke');
+      b.type = 'button';
+      const note = el('span', 'meta');
+      note.setAttribute('role', 'status');
+      b.addEventListener('click', async () => {
+        const what = k.current ? 'This is the key this browser signed in with: you will be signed out. Revoke it?' : 'Revoke key "' + (k.name || shortId(k.id)) + '"? Whatever uses it is refused from now on.';
+        if (!window.confirm(what)) return;
+        b.disabled = true;
+        note.textContent = 'Revoking…';
+        try {
+          await api('DELETE', '/api/v1/keys/' + encodeURIComponent(k.id));
+          if (k.current) {
+            signOut('You revoked the key this browser used.');
+            return;
+          }
+          loadKeys();
+        } catch (err) {
+          note.textContent = 'Not revoked: ' + err.message;
+          b.disabled = false;
+        }
+      });
+      actions.append(b, note);
+      li.append(actions);
+    }
+    return li;
+  }
+
   // ---- wiring ----
 
   function init() {
@@ -750,6 +807,9 @@
       }
     });
     $('more').addEventListener('click', () => loadOlder().catch(() => {}));
+    $('keys-box').addEventListener('toggle', () => {
+      if ($('keys-box').open) loadKeys();
+    });
     $('channels-toggle').addEventListener('click', () => {
       const open = $('channels').hidden;
       $('channels').hidden = !open;
