@@ -937,3 +937,45 @@ func BenchmarkNotifyLatency(b *testing.B) {
 	b.ReportMetric(pct(0.99), "p99-ms")
 	b.ReportMetric(float64(lat[len(lat)-1].Microseconds())/1000, "max-ms")
 }
+
+// TestNotifyDeleteWhileSending: removing a channel while its notifications
+// are being claimed, sent and recorded, and questions keep coming, is a 200
+// for the person and never an error for the agent.
+func TestNotifyDeleteWhileSending(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t, withNotifier(func(n *notifier) { fastRetries(n); n.limits.perWindow = 10000 }))
+	person, agent := e.mustKey(t, "del@example.com", scopePerson), e.mustKey(t, "del@example.com", scopeAgent)
+	rc := newReceiver(t, func(i int, r *http.Request) (int, http.Header) {
+		time.Sleep(20 * time.Millisecond)
+		if i%3 == 0 {
+			return http.StatusServiceUnavailable, nil
+		}
+		return http.StatusOK, nil
+	})
+	for round := range 3 {
+		var ids []string
+		for range 3 {
+			id, _ := mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": rc.URL})
+			ids = append(ids, id)
+		}
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			session := newUUID()
+			for i := range 20 {
+				mustAsk(t, e, agent, session, fmt.Sprintf("r%d q%d", round, i))
+			}
+		}()
+		time.Sleep(100 * time.Millisecond)
+		for _, id := range ids {
+			if code, b := e.call(t, "DELETE", "/api/v1/notification-channels/"+id, person, nil); code != 200 {
+				t.Errorf("delete: %d %s\nlog:\n%s", code, b, e.logs.String())
+			}
+		}
+		wg.Wait()
+	}
+	if strings.Contains(e.logs.String(), "level=ERROR") {
+		t.Errorf("errors logged:\n%s", e.logs.String())
+	}
+}

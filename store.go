@@ -945,11 +945,19 @@ func enqueueNotificationForAgentMessage(ctx context.Context, tx *sql.Tx, userID 
 // written only by the transaction that set ended_at (ended_at = now(), the
 // transaction's start time), so ending a session twice notifies once.
 func enqueueNotification(ctx context.Context, tx *sql.Tx, userID, sessionID, kind, messageID string) error {
+	// ch locks the channels FOR KEY SHARE: a channel being removed right
+	// now is waited for and then left out, never a foreign-key error that
+	// would fail the agent's call; one removed later waits for this commit.
 	_, err := tx.ExecContext(ctx, `
-		WITH ev AS (
+		WITH ch AS (
+			SELECT id FROM notification_channels
+			WHERE user_id = $1 AND $3 = ANY (events)
+			FOR KEY SHARE
+		),
+		ev AS (
 			INSERT INTO notification_events (user_id, session_id, kind, message_id)
 			SELECT $1::uuid, $2::uuid, $3::text, NULLIF($4::text, '')::uuid
-			WHERE EXISTS (SELECT 1 FROM notification_channels WHERE user_id = $1 AND $3 = ANY (events))
+			WHERE EXISTS (SELECT 1 FROM ch)
 				AND ($3 <> 'session.ended' OR EXISTS (
 					SELECT 1 FROM agent_instances WHERE id = $2 AND user_id = $1 AND ended_at = now()))
 			ON CONFLICT DO NOTHING
@@ -957,8 +965,7 @@ func enqueueNotification(ctx context.Context, tx *sql.Tx, userID, sessionID, kin
 		),
 		d AS (
 			INSERT INTO notification_deliveries (event_id, channel_id, user_id)
-			SELECT ev.id, c.id, $1::uuid FROM ev, notification_channels c
-			WHERE c.user_id = $1 AND $3 = ANY (c.events)
+			SELECT ev.id, ch.id, $1::uuid FROM ev, ch
 			RETURNING id
 		)
 		SELECT pg_notify($5, 'o ' || $1::uuid::text || ' ' || $2::uuid::text || ' 0')
@@ -1048,15 +1055,51 @@ func (s *store) channelForSend(ctx context.Context, userID, id string) (channel,
 	return c, nil
 }
 
-// deleteChannel removes userID's channel id and its pending deliveries. It
-// returns errNotFound if the channel is missing or not userID's.
+// deleteChannel removes userID's channel id and its deliveries. It returns
+// errNotFound if the channel is missing or not userID's.
 func (s *store) deleteChannel(ctx context.Context, userID, id string) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM notification_channels WHERE id = $1 AND user_id = $2`, id, userID)
+	var err error
+	for try := 0; try < 3; try++ {
+		if err = s.deleteChannelOnce(ctx, userID, id); !isDeadlock(err) {
+			break
+		}
+	}
+	return err
+}
+
+// isDeadlock reports whether PostgreSQL ended the transaction to break a
+// deadlock (it is safe to run again).
+func isDeadlock(err error) bool {
+	var pqErr *pq.Error
+	return errors.As(err, &pqErr) && pqErr.Code == "40P01"
+}
+
+// deleteChannelOnce is one try of deleteChannel. A delivery row committed
+// between its two statements can still make it meet a worker in a deadlock,
+// which PostgreSQL breaks by ending one side: deleteChannel then tries again.
+func (s *store) deleteChannelOnce(ctx context.Context, userID, id string) error {
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		// The channel's pending rows first, in the order a worker locks
+		// them (deliveries, then the channel): deleting the channel first
+		// would lock it before the rows its cascade needs, and a worker
+		// holding those rows and waiting for the channel would deadlock.
+		if _, err := tx.ExecContext(ctx, `
+			SELECT id FROM notification_deliveries
+			WHERE channel_id = $1 AND user_id = $2 AND status = 'pending'
+			FOR UPDATE`, id, userID); err != nil {
+			return err
+		}
+		res, err := tx.ExecContext(ctx, `DELETE FROM notification_channels WHERE id = $1 AND user_id = $2`, id, userID)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return errNotFound
+		}
+		return nil
+	})
 	if err != nil {
 		return fmt.Errorf("delete channel: %w", err)
-	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return errNotFound
 	}
 	return nil
 }
