@@ -466,3 +466,31 @@ func (a *app) withOpenQuestions(ctx context.Context, userID string, page *sessio
 	}
 	return nil
 }
+
+// ---- the event stream ----
+
+// decisionJSON is a "decision" event: the person decided an approval.
+type decisionJSON struct {
+	SessionID       string `json:"session_id"`
+	ID              string `json:"id"`
+	Kind            string `json:"kind"`
+	Decision        string `json:"decision"`
+	DecisionMessage string `json:"decision_message,omitempty"`
+}
+
+// sendDecisions sends a "decision" event for each approval of the session
+// that the change to ss decided: a decision moves the session's last
+// activity to the moment it was made, so it is sent once, with that change.
+func (s *eventStream) sendDecisions(ctx context.Context, ss sessionSummary) error {
+	ds, err := s.a.store.decisionsAt(ctx, s.userID, ss.ID, ss.LastActivityAt)
+	if err != nil {
+		return err
+	}
+	for _, d := range ds {
+		data, _ := json.Marshal(decisionJSON{SessionID: ss.ID, ID: d.ID, Kind: "approval", Decision: d.Decision, DecisionMessage: d.Message})
+		if err := s.send("decision", "", data); err != nil {
+			return err
+		}
+	}
+	return nil
+}

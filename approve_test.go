@@ -422,3 +422,44 @@ func TestAskOptions(t *testing.T) {
 		t.Fatalf("%v", out)
 	}
 }
+
+func TestApproveEvents(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	agent := e.mustKey(t, "a@example.com", scopeAgent)
+	person := e.mustKey(t, "a@example.com", scopePerson)
+	cs := mcpTConnect(t, e, mcpTStreamable, agent, mcpTDial{})
+	sid := mcpTNewSession(t, cs)
+	s := uiOpenStream(t, e, person, "")
+	defer s.close()
+	if ev := s.next(t, 5*time.Second); ev.Name != "ready" {
+		t.Fatalf("first event %+v", ev)
+	}
+	p := mcpTGo(context.Background(), cs, "approve", map[string]any{"tool_name": "Bash", "input": map[string]any{"command": "<img src=x onerror=alert(1)>"}, "agent_instance_id": sid}, nil)
+	var qid string
+	for qid == "" {
+		ev := s.next(t, 5*time.Second)
+		if ev.Name != "message" {
+			continue
+		}
+		var m map[string]any
+		json.Unmarshal([]byte(ev.Data), &m)
+		in, _ := m["tool_input"].(map[string]any)
+		if m["kind"] != "approval" || m["tool_name"] != "Bash" || in["command"] != "<img src=x onerror=alert(1)>" || m["requires_user_input"] != true {
+			t.Fatalf("approval event: %s", ev.Data)
+		}
+		qid = m["id"].(string)
+	}
+	apAnswer(t, e, person, qid, map[string]any{"decision": "deny", "message": "no"})
+	for {
+		ev := s.next(t, 5*time.Second)
+		if ev.Name == "decision" {
+			want := `{"session_id":"` + sid + `","id":"` + qid + `","kind":"approval","decision":"deny","decision_message":"no"}`
+			if ev.Data != want {
+				t.Fatalf("decision event %s, want %s", ev.Data, want)
+			}
+			break
+		}
+	}
+	apTextOnly(t, p.wait(t), `{"behavior":"deny","message":"no"}`)
+}

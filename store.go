@@ -1773,3 +1773,18 @@ func (s *store) openQuestions(ctx context.Context, userID string, ids []string) 
 	}
 	return out, nil
 }
+
+// decisionsAt returns the approvals of the session that the person decided
+// at the instant at (the transaction time a decision gives decided_at and
+// the session's last_activity_at alike).
+func (s *store) decisionsAt(ctx context.Context, userID, sessionID string, at time.Time) ([]approval, error) {
+	out, err := queryAll(ctx, s.db, func(a *approval) []any { return []any{&a.ID, &a.Decision, &a.Message} }, `
+		SELECT id, decision, COALESCE(decision_message, '') FROM messages
+		WHERE agent_instance_id = $1 AND user_id = $2 AND kind = 'approval' AND decided_at = $3
+			AND decided_by_rule IS NULL
+		ORDER BY seq`, sessionID, userID, at)
+	if err != nil {
+		return nil, fmt.Errorf("decisions: %w", err)
+	}
+	return out, nil
+}

@@ -393,6 +393,9 @@ func (s *eventStream) catchUp(ctx context.Context) error {
 		if err := s.send("session", "", data); err != nil {
 			return err
 		}
+		if err := s.sendDecisions(ctx, ss); err != nil { // approvals and choices (issue 12)
+			return err
+		}
 	}
 	// A session that left the window comes back (as a change) only when its
 	// last activity moves again.
