@@ -453,12 +453,13 @@ func (a *app) withOpenQuestions(ctx context.Context, userID string, page *sessio
 	if len(ids) == 0 {
 		return nil
 	}
-	open, err := a.store.openQuestions(ctx, userID, ids)
+	open, senders, err := a.store.openQuestions(ctx, userID, ids)
 	if err != nil {
 		return err
 	}
 	for i := range page.Sessions {
 		s := &page.Sessions[i]
+		s.LastSender = senders[s.ID]
 		s.OpenQuestion = nil
 		if o, ok := open[s.ID]; ok {
 			s.OpenQuestion = &questionJSON{ID: o.ID, Content: o.Content, questionJSONFields: toQuestionJSONFields(true, o.Q)}

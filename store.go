@@ -1748,7 +1748,7 @@ type openQuestion struct {
 // ids that has one: its latest agent message, when that asks, the session
 // has not ended, and (for a question) no person's message came after it;
 // an approval stays open until decided.
-func (s *store) openQuestions(ctx context.Context, userID string, ids []string) (map[string]openQuestion, error) {
+func (s *store) openQuestions(ctx context.Context, userID string, ids []string) (map[string]openQuestion, map[string]string, error) {
 	list, err := queryAll(ctx, s.db, func(o *openQuestion) []any {
 		return append([]any{&o.SessionID, &o.ID, &o.Content}, o.Q.scan()...)
 	}, `
@@ -1765,13 +1765,30 @@ func (s *store) openQuestions(ctx context.Context, userID string, ids []string) 
 				WHERE u.agent_instance_id = a.id AND u.user_id = $1 AND u.sender_type = 'USER' AND u.seq > m.seq))`,
 		userID, pq.Array(ids))
 	if err != nil {
-		return nil, fmt.Errorf("open questions: %w", err)
+		return nil, nil, fmt.Errorf("open questions: %w", err)
 	}
 	out := make(map[string]openQuestion, len(list))
 	for _, o := range list {
 		out[o.SessionID] = o
 	}
-	return out, nil
+	// Who wrote each session's latest message.
+	type sender struct{ id, sender string }
+	senders, err := queryAll(ctx, s.db, func(v *sender) []any { return []any{&v.id, &v.sender} }, `
+		SELECT a.id, m.sender_type FROM agent_instances a
+		CROSS JOIN LATERAL (
+			SELECT sender_type FROM messages
+			WHERE agent_instance_id = a.id AND user_id = $1
+			ORDER BY seq DESC LIMIT 1
+		) m
+		WHERE a.id = ANY ($2::uuid[]) AND a.user_id = $1`, userID, pq.Array(ids))
+	if err != nil {
+		return nil, nil, fmt.Errorf("last senders: %w", err)
+	}
+	last := make(map[string]string, len(senders))
+	for _, v := range senders {
+		last[v.id] = v.sender
+	}
+	return out, last, nil
 }
 
 // decisionsAt returns the approvals of the session that the person decided

@@ -70,6 +70,7 @@ type sessionItemJSON struct {
 	sessionJSON
 	LastMessage  *string       `json:"last_message"`
 	OpenQuestion *questionJSON `json:"open_question"`
+	LastSender   string        `json:"last_sender,omitempty"` // AGENT or USER (issue 12: "You" in the list)
 }
 
 func toSessionItemJSON(s sessionSummary) sessionItemJSON {
