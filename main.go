@@ -383,7 +383,8 @@ func (a *app) routes() http.Handler {
 	mux.Handle("GET /api/v1/sessions", person(a.handleSessions()))
 	mux.Handle("GET /api/v1/sessions/{id}/messages", person(a.handleSessionMessages()))
 	mux.Handle("GET /api/v1/events", person(a.handleEvents()))
-	mux.Handle("POST /api/v1/questions/{id}/answer", person(a.handleAnswer())) // approvals and choices (issue 12)
+	mux.Handle("POST /api/v1/questions/{id}/answer", person(a.handleAnswer()))                 // approvals and choices (issue 12)
+	mux.Handle("POST /api/v1/act/{capability}", a.handleAct(newActLimiter(20, 3*time.Second))) // lock-screen actions (issue 12): the capability is the credential
 	mux.Handle("GET /api/v1/notification-channels", person(a.handleListChannels()))
 	mux.Handle("POST /api/v1/notification-channels", person(a.handleCreateChannel()))
 	mux.Handle("DELETE /api/v1/notification-channels/{id}", person(a.handleDeleteChannel()))

@@ -348,10 +348,7 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 		return nil, askQuestionOut{}, err
 	}
 	timeout := m.a.cfg.questionTimeout
-	q, err := m.a.store.askQuestion(ctx, who.UserID, id, in.QuestionText, timeout)
-	if err == nil && !q.Resumed && options != nil { // choices (issue 12)
-		err = m.a.store.setQuestionOptions(ctx, who.UserID, q.ID, options, allowText)
-	}
+	q, err := m.a.store.askQuestion(ctx, who.UserID, id, in.QuestionText, timeout, questionOptions{options, allowText}) // choices (issue 12)
 	if err != nil {
 		return nil, askQuestionOut{}, m.storeToolError(ctx, "ask_question", err)
 	}

@@ -230,3 +230,21 @@ CREATE TABLE IF NOT EXISTS session_rules (
     created_at        timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (agent_instance_id, tool_name, prefix)
 );
+
+-- Lock-screen actions: single-use capabilities, each bound to one question
+-- and one decision (allow or deny) or option. Only the SHA-256 (hex) of a
+-- capability is kept; the capability itself exists only in the
+-- notification that carried it. A capability is made when its delivery is
+-- claimed (a retry replaces the ones of its earlier attempt), and all of a
+-- question's capabilities go when it is answered.
+CREATE TABLE IF NOT EXISTS action_capabilities (
+    hash        text PRIMARY KEY,
+    user_id     uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    message_id  uuid NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    delivery_id uuid REFERENCES notification_deliveries (id) ON DELETE CASCADE,
+    action      text NOT NULL CHECK (action IN ('allow', 'deny', 'option')),
+    option      text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS action_capabilities_message ON action_capabilities (message_id);
+CREATE INDEX IF NOT EXISTS action_capabilities_delivery ON action_capabilities (delivery_id);

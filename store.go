@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	_ "embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -771,7 +772,7 @@ type outcome struct {
 // does not move the read pointer: the feedback queued before it is handed
 // over by the call that returns (questionOutcome), never lost with a cut
 // call. It returns errNotFound if the session is missing or not userID's.
-func (s *store) askQuestion(ctx context.Context, userID, sessionID, text string, timeout time.Duration) (question, error) {
+func (s *store) askQuestion(ctx context.Context, userID, sessionID, text string, timeout time.Duration, opts ...questionOptions) (question, error) {
 	text = cleanText(text)
 	q := question{Left: timeout}
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
@@ -802,6 +803,9 @@ func (s *store) askQuestion(ctx context.Context, userID, sessionID, text string,
 		}
 		m, _, err := insertAgentMessage(ctx, tx, userID, agentMessage{SessionID: sessionID, Content: text, RequiresUserInput: true}, false)
 		q.ID, q.Seq = m.ID, m.Seq
+		if err == nil && len(opts) > 0 { // choices (issue 12): with the question, before its notification is sent
+			err = setQuestionOptions(ctx, tx, userID, m.ID, opts[0])
+		}
 		return err
 	})
 	if err != nil {
@@ -1117,7 +1121,8 @@ type delivery struct {
 	EventAt   time.Time
 	AgentType string
 	Text      string
-	Folded    int // for a summary: how many events it stands for
+	Folded    int            // for a summary: how many events it stands for
+	Actions   []notifyAction // lock-screen actions (issue 12)
 }
 
 // deliveryLimits are the worker's flood limit and lease.
@@ -1310,7 +1315,10 @@ func (s *store) claimDeliveries(ctx context.Context, limit int, lim deliveryLimi
 			d.Channel.ID, d.Channel.UserID = d.ChannelID, d.UserID
 			out = append(out, d)
 		}
-		return rows.Err()
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		return addActions(ctx, tx, out) // lock-screen actions (issue 12)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim deliveries: %w", err)
@@ -1560,11 +1568,18 @@ func (s *store) approvalOutcome(ctx context.Context, userID, sessionID, id strin
 	return ap, nil
 }
 
-// setQuestionOptions stores the options of a question just asked.
-func (s *store) setQuestionOptions(ctx context.Context, userID, id string, options []byte, allowText bool) error {
-	_, err := s.db.ExecContext(ctx, `
+// questionOptions are a question's choices: Options a JSON array (nil:
+// none) and whether a free-text answer is allowed.
+type questionOptions struct {
+	Options   []byte
+	AllowText bool
+}
+
+// setQuestionOptions stores the options of a question just asked, in tx.
+func setQuestionOptions(ctx context.Context, tx *sql.Tx, userID, id string, o questionOptions) error {
+	_, err := tx.ExecContext(ctx, `
 		UPDATE messages SET options = $3::jsonb, allow_text = $4
-		WHERE id = $1 AND user_id = $2 AND sender_type = 'AGENT'`, id, userID, nullJSON(options), allowText)
+		WHERE id = $1 AND user_id = $2 AND sender_type = 'AGENT'`, id, userID, nullJSON(o.Options), o.AllowText)
 	if err != nil {
 		return fmt.Errorf("set question options: %w", err)
 	}
@@ -1610,6 +1625,13 @@ type answered struct {
 // checks the answer against the stored question under its lock. It returns
 // errNotFound if the question is missing or not userID's.
 func (s *store) answerQuestion(ctx context.Context, userID, id string, timeout time.Duration, validate func(q questionFields) (personAnswer, error)) (answered, error) {
+	return s.answerQuestionWith(ctx, userID, id, "", timeout, validate)
+}
+
+// answerQuestionWith is answerQuestion; with capHash the answer comes from
+// that lock-screen capability, which must still exist (errGone if not) and
+// is used up in the same transaction.
+func (s *store) answerQuestionWith(ctx context.Context, userID, id, capHash string, timeout time.Duration, validate func(q questionFields) (personAnswer, error)) (answered, error) {
 	out := answered{ID: id}
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		err := tx.QueryRowContext(ctx, `
@@ -1623,6 +1645,22 @@ func (s *store) answerQuestion(ctx context.Context, userID, id string, timeout t
 			return err
 		}
 		if _, _, _, err := lockSession(ctx, tx, userID, out.SessionID); err != nil {
+			return err
+		}
+		if capHash != "" {
+			// Under the session lock: of two uses at once, the second
+			// finds the capability gone.
+			res, err := tx.ExecContext(ctx, `
+				DELETE FROM action_capabilities WHERE hash = $1 AND message_id = $2 AND user_id = $3`, capHash, id, userID)
+			if err != nil {
+				return err
+			}
+			if n, _ := res.RowsAffected(); n == 0 {
+				return errGone
+			}
+		}
+		// Any answer kills every capability of the question.
+		if _, err := tx.ExecContext(ctx, `DELETE FROM action_capabilities WHERE message_id = $1 AND user_id = $2`, id, userID); err != nil {
 			return err
 		}
 		var q questionFields
@@ -1702,7 +1740,14 @@ func (s *store) answerQuestion(ctx context.Context, userID, id string, timeout t
 	if err != nil {
 		var aa *alreadyAnswered
 		if errors.As(err, &aa) {
+			// Nothing more can answer it: its capabilities go too.
+			if _, err := s.db.ExecContext(ctx, `DELETE FROM action_capabilities WHERE message_id = $1 AND user_id = $2`, id, userID); err != nil {
+				return answered{}, fmt.Errorf("answer question: %w", err)
+			}
 			return answered{}, aa
+		}
+		if errors.Is(err, errGone) {
+			return answered{}, errGone
 		}
 		return answered{}, fmt.Errorf("answer question: %w", err)
 	}
@@ -1804,4 +1849,90 @@ func (s *store) decisionsAt(ctx context.Context, userID, sessionID string, at ti
 		return nil, fmt.Errorf("decisions: %w", err)
 	}
 	return out, nil
+}
+
+// ---- lock-screen actions (issue 12) ----
+
+// errGone: a capability that was used, expired or never existed.
+var errGone = errors.New("gone")
+
+// notifyAction is a button of a notification: its label, what it decides,
+// and the capability that is its credential (only ever in the notification).
+type notifyAction struct {
+	Label      string
+	Action     string // allow, deny or option
+	Option     string
+	Capability string
+}
+
+// maxActionOptions: a question with more options gets no buttons (ntfy
+// shows at most three).
+const maxActionOptions = 3
+
+// addActions makes the lock-screen capabilities of the question.asked
+// deliveries just claimed in tx: Allow and Deny for an undecided approval,
+// one per option for a question with at most three options that is still
+// open. A retried delivery's earlier capabilities are replaced.
+func addActions(ctx context.Context, tx *sql.Tx, ds []delivery) error {
+	for i := range ds {
+		d := &ds[i]
+		if d.EventKind != eventQuestionAsked || d.MessageID == "" {
+			continue
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM action_capabilities WHERE delivery_id = $1 AND user_id = $2`, d.ID, d.UserID); err != nil {
+			return err
+		}
+		var q questionFields
+		var asks bool
+		err := tx.QueryRowContext(ctx, `SELECT requires_user_input, `+questionColumns+` FROM messages WHERE id = $1 AND user_id = $2`,
+			d.MessageID, d.UserID).Scan(append([]any{&asks}, q.scan()...)...)
+		if errors.Is(err, sql.ErrNoRows) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		var acts []notifyAction
+		switch {
+		case q.Kind.String == "approval" && !q.Decision.Valid:
+			acts = []notifyAction{{Label: "Allow", Action: decisionAllow}, {Label: "Deny", Action: decisionDeny}}
+		case q.Kind.String == "" && asks && len(q.Options) > 0:
+			var opts []string
+			json.Unmarshal(q.Options, &opts)
+			if len(opts) > maxActionOptions {
+				break
+			}
+			for _, o := range opts {
+				acts = append(acts, notifyAction{Label: o, Action: "option", Option: o})
+			}
+		}
+		for j := range acts {
+			capability, hash := newCapability()
+			acts[j].Capability = capability
+			if _, err := tx.ExecContext(ctx, `
+				INSERT INTO action_capabilities (hash, user_id, message_id, delivery_id, action, option)
+				VALUES ($1, $2, $3, $4, $5, NULLIF($6, ''))`,
+				hash, d.UserID, d.MessageID, d.ID, acts[j].Action, acts[j].Option); err != nil {
+				return err
+			}
+		}
+		d.Actions = acts
+	}
+	return nil
+}
+
+// capabilityTarget returns the user and question a capability (by its
+// hash) is bound to, or errGone.
+func (s *store) capabilityTarget(ctx context.Context, hash string) (userID, messageID, action, option string, err error) {
+	var opt sql.NullString
+	err = s.db.QueryRowContext(ctx, `
+		SELECT user_id, message_id, action, option FROM action_capabilities WHERE hash = $1`, hash).
+		Scan(&userID, &messageID, &action, &opt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", "", "", "", errGone
+	}
+	if err != nil {
+		return "", "", "", "", fmt.Errorf("capability: %w", err)
+	}
+	return userID, messageID, action, opt.String, nil
 }
