@@ -463,3 +463,20 @@ func TestApproveEvents(t *testing.T) {
 	}
 	apTextOnly(t, p.wait(t), `{"behavior":"deny","message":"no"}`)
 }
+
+// request-input cannot reopen a decided approval.
+func TestApproveNotReopened(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	agent := e.mustKey(t, "a@example.com", scopeAgent)
+	person := e.mustKey(t, "a@example.com", scopePerson)
+	cs := mcpTConnect(t, e, mcpTStreamable, agent, mcpTDial{})
+	sid := mcpTNewSession(t, cs)
+	p := mcpTGo(context.Background(), cs, "approve", map[string]any{"tool_name": "Read", "input": map[string]any{"file_path": "a"}, "agent_instance_id": sid}, nil)
+	qid := apOpen(t, e, sid)
+	apAnswer(t, e, person, qid, map[string]any{"decision": "allow"})
+	p.wait(t)
+	if code, b := e.call(t, "PATCH", "/api/v1/messages/"+qid+"/request-input", agent, nil); code != http.StatusConflict {
+		t.Fatalf("request-input on a decided approval: %d %s", code, b)
+	}
+}

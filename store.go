@@ -523,7 +523,8 @@ func (s *store) requestInput(ctx context.Context, userID, messageID string) (ses
 		}
 		res, err := tx.ExecContext(ctx, `
 			UPDATE messages SET requires_user_input = true
-			WHERE id = $1 AND user_id = $2 AND NOT requires_user_input`, messageID, userID)
+			WHERE id = $1 AND user_id = $2 AND NOT requires_user_input
+				AND kind IS NULL`, messageID, userID) // kind IS NULL: an approval is decided once (issue 12)
 		if err != nil {
 			return err
 		}
