@@ -323,12 +323,23 @@ func TestBrowserInbox(t *testing.T) {
 	b.waitJS(t, "the feedback in the timeline", texts+`.includes('Please add a test for the rollback')`)
 
 	// End the session through the page.
-	b.do(t, "end the session", chromedp.Click(chromedp.CSS("#end")))
+	// It asks first (issue 12): Cancel keeps it running, Yes ends it.
+	b.do(t, "end the session", chromedp.Click(chromedp.CSS("#end")), chromedp.WaitVisible(chromedp.CSS("#end-confirm")),
+		chromedp.Click(chromedp.CSS("#end-cancel")))
+	if uiEval[bool](t, b, `!document.getElementById('end-confirm').hidden`) {
+		t.Fatal("Cancel did not close the confirmation")
+	}
+	b.do(t, "end the session", chromedp.Click(chromedp.CSS("#end")), chromedp.WaitVisible(chromedp.CSS("#end-confirm")),
+		chromedp.Click(chromedp.CSS("#end-yes")))
 	b.waitJS(t, "the session ended", `document.getElementById('end-state').textContent === 'Session ended.'`)
 	b.waitJS(t, "the list shows it ended", `document.querySelector('#sessions .session-button[data-session="`+sid+`"] .status').textContent === 'ended'`)
 	var status string
 	if err := e.db.QueryRow(`SELECT status FROM agent_instances WHERE id = $1`, sid).Scan(&status); err != nil || status != statusCompleted {
 		t.Fatalf("status %q, %v", status, err)
+	}
+	// An ended session offers no Feedback and no End (issue 12).
+	if uiEval[bool](t, b, `!document.getElementById('feedback-form').hidden || !document.getElementById('end-box').hidden`) {
+		t.Fatal("an ended session still shows Feedback or End session")
 	}
 
 	// Signing out forgets the key.

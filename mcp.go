@@ -68,6 +68,9 @@ type mcpCaller struct {
 	// handler then (closing its session waits for the handler instead), so
 	// a tool call ends its own wait when carrier is done.
 	carrier context.Context
+	// sessionHeader is the X-Agentline-Session header: the session an
+	// approve call without agent_instance_id goes to (issue 12).
+	sessionHeader string
 }
 
 type mcpCallerKey struct{}
@@ -78,7 +81,7 @@ func callerOf(r *http.Request) (mcpCaller, bool) {
 	if !ok {
 		return mcpCaller{}, false
 	}
-	return mcpCaller{caller: c, agentType: agentTypeOf(r), carrier: r.Context()}, true
+	return mcpCaller{caller: c, agentType: agentTypeOf(r), carrier: r.Context(), sessionHeader: r.Header.Get("X-Agentline-Session")}, true
 }
 
 // serveStreamable hands a Streamable HTTP request to the SDK with its
@@ -155,6 +158,7 @@ func (m *mcpServer) newServer(bind func(context.Context) (mcpCaller, bool)) *mcp
 	mcp.AddTool(s, logStepTool, guard(m.a, "log_step", boundTool(bind, m.logStep)))
 	mcp.AddTool(s, askQuestionTool, guard(m.a, "ask_question", boundTool(bind, m.askQuestion)))
 	mcp.AddTool(s, endSessionTool, guard(m.a, "end_session", boundTool(bind, m.endSession)))
+	mcp.AddTool(s, approveTool, guard(m.a, "approve", boundTool(bind, m.approve))) // approvals (issue 12)
 	return s
 }
 
@@ -319,6 +323,9 @@ It fails (isError) if the question is replaced before anyone answers ("question 
 type askQuestionIn struct {
 	AgentInstanceID string `json:"agent_instance_id" jsonschema:"the session's id (a UUID), from log_step"`
 	QuestionText    string `json:"question_text" jsonschema:"the question, with the context needed to answer it"`
+	// choices (issue 12)
+	Options   []string `json:"options,omitempty" jsonschema:"optional: 1 to 10 distinct answers (each 1 to 200 characters) the person can pick with one tap"`
+	AllowText *bool    `json:"allow_text,omitempty" jsonschema:"with options: whether the person may also answer in their own words (default true)"`
 }
 
 type askQuestionOut struct {
@@ -336,8 +343,12 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 	if strings.TrimSpace(cleanText(in.QuestionText)) == "" {
 		return nil, askQuestionOut{}, errors.New("question_text must not be empty")
 	}
+	options, allowText, err := checkOptions(in.Options, in.AllowText) // choices (issue 12)
+	if err != nil {
+		return nil, askQuestionOut{}, err
+	}
 	timeout := m.a.cfg.questionTimeout
-	q, err := m.a.store.askQuestion(ctx, who.UserID, id, in.QuestionText, timeout)
+	q, err := m.a.store.askQuestion(ctx, who.UserID, id, in.QuestionText, timeout, questionOptions{options, allowText}) // choices (issue 12)
 	if err != nil {
 		return nil, askQuestionOut{}, m.storeToolError(ctx, "ask_question", err)
 	}

@@ -320,7 +320,7 @@ func TestMCPListTools(t *testing.T) {
 				mcpTCheckSchema(t, tool.Name+" output", tool.OutputSchema, w.out)
 			}
 			sort.Strings(names)
-			if !slices.Equal(names, []string{"ask_question", "end_session", "log_step"}) {
+			if !slices.Equal(names, []string{"approve", "ask_question", "end_session", "log_step"}) { // approve: issue 12
 				t.Fatalf("tools %v", names)
 			}
 		})

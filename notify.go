@@ -274,7 +274,8 @@ type notification struct {
 	AgentType string
 	IDField   string // "question_id" or "message_id" ("" for none)
 	ID        string
-	Count     int // summary: how many notifications it stands for
+	Count     int          // summary: how many notifications it stands for
+	Actions   []actionLink // lock-screen buttons (issue 12)
 }
 
 // render builds the notification for a claimed delivery.
@@ -290,6 +291,7 @@ func (n *notifier) render(d delivery) notification {
 		nt.Title, nt.Priority, nt.Tags = agent+" asks", "high", "question"
 		nt.IDField, nt.ID = "question_id", d.MessageID
 		nt.InboxURL = n.publicURL + "/#/questions/" + d.MessageID
+		nt.Actions = actionLinks(n.publicURL, d.Actions) // lock-screen actions (issue 12)
 	case eventMessageFlagged:
 		nt.Title, nt.Tags = agent+" says", "speech_balloon"
 		nt.IDField, nt.ID = "message_id", d.MessageID
@@ -378,6 +380,9 @@ func ntfyRequest(ctx context.Context, c channel, nt notification) (*http.Request
 		req.Header.Set("Tags", nt.Tags)
 	}
 	req.Header.Set("Click", nt.InboxURL)
+	if len(nt.Actions) > 0 { // lock-screen actions (issue 12)
+		req.Header.Set("Actions", ntfyActions(nt.Actions))
+	}
 	if c.Token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
@@ -406,6 +411,9 @@ func webhookRequest(ctx context.Context, c channel, nt notification, id string, 
 	}
 	if nt.Type == eventSummary {
 		data["count"] = nt.Count
+	}
+	if len(nt.Actions) > 0 { // lock-screen actions (issue 12)
+		data["actions"] = nt.Actions
 	}
 	body, err := json.Marshal(webhookEvent{Type: nt.Type, Timestamp: nt.EventAt.UTC().Format(time.RFC3339Nano), Data: data})
 	if err != nil {

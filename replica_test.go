@@ -185,7 +185,7 @@ func TestReplicaStatelessAlternating(t *testing.T) {
 	}
 	defer cs.Close()
 	tools, err := cs.ListTools(ctx, nil)
-	if err != nil || len(tools.Tools) != 3 {
+	if err != nil || len(tools.Tools) != 4 { // 4: approve (issue 12)
 		t.Fatalf("list tools: %v %+v", err, tools)
 	}
 	call := func(name string, args map[string]any) map[string]any {

@@ -51,6 +51,7 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 	var br *badRequest
 	var mbe *http.MaxBytesError
 	var ae *authError
+	var aa *alreadyAnswered // approvals and choices (issue 12)
 	switch {
 	case errors.As(err, &br):
 		writeJSON(w, http.StatusBadRequest, errorBody{br.msg})
@@ -60,6 +61,8 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 		writeJSON(w, http.StatusBadRequest, errorBody{"agent_type is required when creating a new session"})
 	case errors.Is(err, errNotFound):
 		writeJSON(w, http.StatusNotFound, errorBody{"not found"})
+	case errors.As(err, &aa): // approvals and choices (issue 12)
+		writeJSON(w, http.StatusConflict, errorBody{aa.detail})
 	case errors.Is(err, errConflict):
 		writeJSON(w, http.StatusConflict, errorBody{"the message already requires user input"})
 	case errors.As(err, &ae):

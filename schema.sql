@@ -191,3 +191,63 @@ CREATE INDEX IF NOT EXISTS notification_deliveries_channel
 -- When a key was revoked (issue 13: keys an operator can see). is_active
 -- stays what verification reads; revoked_at is for people listing keys.
 ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS revoked_at timestamptz;
+
+-- ---- approvals and choices (issue 12) ----
+
+-- An approval is an agent message (requires_user_input while it waits)
+-- with kind 'approval': the tool call it asks about, and the person's
+-- decision, stored on the row (a person's message never decides one).
+-- decided_by_rule names the session rule that allowed it without asking.
+-- A question may offer options (a JSON array of strings); with allow_text
+-- false the answer endpoint takes only one of them.
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS kind text;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS tool_name text;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS tool_input jsonb;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS tool_use_id text;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS decision text;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS decision_message text;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS decided_by_rule text;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS decided_at timestamptz;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS options jsonb;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS allow_text boolean NOT NULL DEFAULT true;
+DO $$ BEGIN
+    ALTER TABLE messages ADD CONSTRAINT messages_kind_check CHECK (kind IS NULL OR kind = 'approval');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+DO $$ BEGIN
+    ALTER TABLE messages ADD CONSTRAINT messages_decision_check
+        CHECK (decision IS NULL OR decision IN ('allow', 'allow_session', 'deny'));
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+CREATE INDEX IF NOT EXISTS messages_tool_use
+    ON messages (agent_instance_id, tool_use_id) WHERE tool_use_id IS NOT NULL;
+
+-- "Allow for this session": a tool (prefix '') or, for Bash, a command's
+-- first word (prefix). Later approvals of the session that match are
+-- allowed without asking.
+CREATE TABLE IF NOT EXISTS session_rules (
+    agent_instance_id uuid NOT NULL REFERENCES agent_instances (id) ON DELETE CASCADE,
+    user_id           uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    tool_name         text NOT NULL,
+    prefix            text NOT NULL DEFAULT '',
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (agent_instance_id, tool_name, prefix)
+);
+
+-- Lock-screen actions: single-use capabilities, each bound to one question
+-- and one decision (allow or deny) or option. Only the SHA-256 (hex) of a
+-- capability is kept; the capability itself exists only in the
+-- notification that carried it. A capability is made when its delivery is
+-- claimed (a retry replaces the ones of its earlier attempt), and all of a
+-- question's capabilities go when it is answered.
+CREATE TABLE IF NOT EXISTS action_capabilities (
+    hash        text PRIMARY KEY,
+    user_id     uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    message_id  uuid NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    delivery_id uuid REFERENCES notification_deliveries (id) ON DELETE CASCADE,
+    action      text NOT NULL CHECK (action IN ('allow', 'deny', 'option')),
+    option      text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS action_capabilities_message ON action_capabilities (message_id);
+CREATE INDEX IF NOT EXISTS action_capabilities_delivery ON action_capabilities (delivery_id);

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	_ "embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -55,13 +56,14 @@ type message struct {
 	Content           string
 	RequiresUserInput bool
 	CreatedAt         time.Time
+	Q                 questionFields // approvals and choices (issue 12)
 }
 
 // messageColumns are the columns scanMessage reads, in its order.
-const messageColumns = `id, seq, agent_instance_id, sender_type, content, requires_user_input, created_at`
+const messageColumns = `id, seq, agent_instance_id, sender_type, content, requires_user_input, created_at, ` + questionColumns
 
 func scanMessage(m *message) []any {
-	return []any{&m.ID, &m.Seq, &m.SessionID, &m.SenderType, &m.Content, &m.RequiresUserInput, &m.CreatedAt}
+	return append([]any{&m.ID, &m.Seq, &m.SessionID, &m.SenderType, &m.Content, &m.RequiresUserInput, &m.CreatedAt}, m.Q.scan()...)
 }
 
 // querier is a *sql.DB or a *sql.Tx.
@@ -523,7 +525,8 @@ func (s *store) requestInput(ctx context.Context, userID, messageID string) (ses
 		}
 		res, err := tx.ExecContext(ctx, `
 			UPDATE messages SET requires_user_input = true
-			WHERE id = $1 AND user_id = $2 AND NOT requires_user_input`, messageID, userID)
+			WHERE id = $1 AND user_id = $2 AND NOT requires_user_input
+				AND kind IS NULL`, messageID, userID) // kind IS NULL: an approval is decided once (issue 12)
 		if err != nil {
 			return err
 		}
@@ -772,7 +775,7 @@ type outcome struct {
 // does not move the read pointer: the feedback queued before it is handed
 // over by the call that returns (questionOutcome), never lost with a cut
 // call. It returns errNotFound if the session is missing or not userID's.
-func (s *store) askQuestion(ctx context.Context, userID, sessionID, text string, timeout time.Duration) (question, error) {
+func (s *store) askQuestion(ctx context.Context, userID, sessionID, text string, timeout time.Duration, opts ...questionOptions) (question, error) {
 	text = cleanText(text)
 	q := question{Left: timeout}
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
@@ -803,6 +806,9 @@ func (s *store) askQuestion(ctx context.Context, userID, sessionID, text string,
 		}
 		m, _, err := insertAgentMessage(ctx, tx, userID, agentMessage{SessionID: sessionID, Content: text, RequiresUserInput: true}, false)
 		q.ID, q.Seq = m.ID, m.Seq
+		if err == nil && len(opts) > 0 { // choices (issue 12): with the question, before its notification is sent
+			err = setQuestionOptions(ctx, tx, userID, m.ID, opts[0])
+		}
 		return err
 	})
 	if err != nil {
@@ -1161,7 +1167,8 @@ type delivery struct {
 	EventAt   time.Time
 	AgentType string
 	Text      string
-	Folded    int // for a summary: how many events it stands for
+	Folded    int            // for a summary: how many events it stands for
+	Actions   []notifyAction // lock-screen actions (issue 12)
 }
 
 // deliveryLimits are the worker's flood limit and lease.
@@ -1235,7 +1242,10 @@ func (s *store) claimDeliveries(ctx context.Context, limit int, lim deliveryLimi
 		for i := range out {
 			out[i].Channel.ID, out[i].Channel.UserID = out[i].ChannelID, out[i].UserID
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		return addActions(ctx, tx, out) // lock-screen actions
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim deliveries: %w", err)
@@ -1486,4 +1496,551 @@ func (s *store) revokeUserAPIKey(ctx context.Context, userID, keyID string) (key
 func (s *store) notifyProbe(ctx context.Context, channel string) error {
 	_, err := s.db.ExecContext(ctx, `SELECT pg_notify($1, 'probe')`, channel)
 	return err
+}
+
+// ---- approvals and choices (issue 12) ----
+
+// questionColumns are the question and approval columns of a message, as
+// questionFields.scan reads them.
+const questionColumns = `kind, tool_name, tool_input, decision, decision_message, decided_by_rule, options, allow_text`
+
+// questionFields are a message's question and approval columns: all empty
+// for a plain step or person's message.
+type questionFields struct {
+	Kind            sql.NullString // "approval", or empty
+	ToolName        sql.NullString
+	ToolInput       []byte // JSON
+	Decision        sql.NullString
+	DecisionMessage sql.NullString
+	DecidedByRule   sql.NullString
+	Options         []byte // JSON array of strings
+	AllowText       bool
+}
+
+func (q *questionFields) scan() []any {
+	return []any{&q.Kind, &q.ToolName, &q.ToolInput, &q.Decision, &q.DecisionMessage, &q.DecidedByRule, &q.Options, &q.AllowText}
+}
+
+// Approval decisions, as stored.
+const (
+	decisionAllow        = "allow"
+	decisionAllowSession = "allow_session"
+	decisionDeny         = "deny"
+)
+
+// approvalRequest is one call of the approve tool.
+type approvalRequest struct {
+	SessionID string
+	AgentType string // to create the session when it is new
+	Create    bool   // the session may be created
+	ToolName  string
+	Input     []byte // canonical JSON object
+	ToolUseID string
+	Content   string // what the timeline and the notification show
+	Rule      sessionRule
+}
+
+// approval is where an approval stands.
+type approval struct {
+	ID        string
+	SessionID string
+	Resumed   bool
+	State     questionState // open, answered (decided), ended, expired
+	Decision  string
+	Message   string
+	Rule      string        // the session rule that allowed it, if any
+	Left      time.Duration // until it times out
+}
+
+// latestActiveSession returns the id of userID's most recently active
+// ACTIVE (or AWAITING_INPUT: it waits on an approval) session of agentType,
+// or "" when there is none.
+func (s *store) latestActiveSession(ctx context.Context, userID, agentType string) (string, error) {
+	var id string
+	err := s.db.QueryRowContext(ctx, `
+		SELECT a.id FROM agent_instances a
+		JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = $1
+		WHERE a.user_id = $1 AND ua.name = lower($2) AND a.status IN ('ACTIVE', 'AWAITING_INPUT')
+		ORDER BY a.last_activity_at DESC, a.id DESC LIMIT 1`, userID, agentType).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("latest active session: %w", err)
+	}
+	return id, nil
+}
+
+// askApproval stores an approval in the session, or resumes one: the
+// session's approval with the same tool_use_id, or (without one) an
+// undecided approval of the same tool and input, or a decided one that is
+// still the session's latest agent message. A call that matches a session
+// rule is stored already allowed by it, without asking or notifying. It
+// returns errNotFound if the session is not userID's (or is missing and may
+// not be created).
+func (s *store) askApproval(ctx context.Context, userID string, in approvalRequest, timeout time.Duration) (approval, error) {
+	ap := approval{SessionID: in.SessionID, Left: timeout}
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		var err error
+		if in.Create {
+			_, err = lockOrCreateSession(ctx, tx, userID, in.SessionID, in.AgentType)
+		} else {
+			_, _, _, err = lockSession(ctx, tx, userID, in.SessionID)
+		}
+		if err != nil {
+			return err
+		}
+		var left float64
+		var decision, msg, rule sql.NullString
+		err = tx.QueryRowContext(ctx, `
+			SELECT m.id, m.decision, m.decision_message, m.decided_by_rule,
+				extract(epoch FROM m.created_at + make_interval(secs => $6) - now())
+			FROM messages m
+			WHERE m.agent_instance_id = $1 AND m.user_id = $2 AND m.kind = 'approval'
+				AND CASE WHEN $3 <> '' THEN m.tool_use_id = $3
+					ELSE m.tool_use_id IS NULL AND m.tool_name = $4 AND m.tool_input = $5::jsonb
+						AND (m.decision IS NULL OR m.seq = (SELECT max(seq) FROM messages
+							WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'AGENT'))
+					END
+			ORDER BY m.seq DESC LIMIT 1`,
+			in.SessionID, userID, in.ToolUseID, in.ToolName, string(in.Input), timeout.Seconds(),
+		).Scan(&ap.ID, &decision, &msg, &rule, &left)
+		if err == nil {
+			ap.Resumed, ap.Left = true, time.Duration(left*float64(time.Second))
+			ap.Decision, ap.Message, ap.Rule = decision.String, msg.String, rule.String
+			return nil
+		}
+		if !errors.Is(err, sql.ErrNoRows) {
+			return err
+		}
+		allowed := false
+		if in.Rule.ok {
+			err := tx.QueryRowContext(ctx, `
+				SELECT EXISTS (SELECT 1 FROM session_rules
+					WHERE agent_instance_id = $1 AND user_id = $2 AND tool_name = $3 AND prefix = $4)`,
+				in.SessionID, userID, in.Rule.tool, in.Rule.prefix).Scan(&allowed)
+			if err != nil {
+				return err
+			}
+		}
+		m, _, err := insertAgentMessage(ctx, tx, userID, agentMessage{SessionID: in.SessionID, Content: in.Content, RequiresUserInput: !allowed}, false)
+		if err != nil {
+			return err
+		}
+		ap.ID = m.ID
+		if allowed {
+			ap.Decision, ap.Rule = decisionAllow, in.Rule.String()
+		}
+		_, err = tx.ExecContext(ctx, `
+			UPDATE messages SET kind = 'approval', tool_name = $3, tool_input = $4::jsonb, tool_use_id = NULLIF($5, ''),
+				decision = NULLIF($6, ''), decided_by_rule = NULLIF($7, ''), decided_at = CASE WHEN $6 <> '' THEN now() END
+			WHERE id = $1 AND user_id = $2`, m.ID, userID, in.ToolName, string(in.Input), in.ToolUseID, ap.Decision, ap.Rule)
+		return err
+	})
+	if err != nil {
+		return approval{}, fmt.Errorf("ask approval: %w", err)
+	}
+	if ap.Decision != "" {
+		ap.State = questionAnswered
+	}
+	return ap, nil
+}
+
+// approvalOutcome reports where approval id of the session stands.
+func (s *store) approvalOutcome(ctx context.Context, userID, sessionID, id string, timeout time.Duration) (approval, error) {
+	ap := approval{ID: id, SessionID: sessionID}
+	var decision, msg, rule sql.NullString
+	var status string
+	var expired bool
+	err := s.db.QueryRowContext(ctx, `
+		SELECT m.decision, m.decision_message, m.decided_by_rule, a.status,
+			m.created_at + make_interval(secs => $4) <= now()
+		FROM messages m JOIN agent_instances a ON a.id = m.agent_instance_id AND a.user_id = $2
+		WHERE m.id = $3 AND m.agent_instance_id = $1 AND m.user_id = $2 AND m.kind = 'approval'`,
+		sessionID, userID, id, timeout.Seconds()).Scan(&decision, &msg, &rule, &status, &expired)
+	if errors.Is(err, sql.ErrNoRows) {
+		return approval{}, errNotFound
+	}
+	if err != nil {
+		return approval{}, fmt.Errorf("approval outcome: %w", err)
+	}
+	ap.Decision, ap.Message, ap.Rule = decision.String, msg.String, rule.String
+	switch {
+	case decision.Valid:
+		ap.State = questionAnswered
+	case status == statusCompleted:
+		ap.State = questionEnded
+	case expired:
+		ap.State = questionExpired
+	}
+	return ap, nil
+}
+
+// questionOptions are a question's choices: Options a JSON array (nil:
+// none) and whether a free-text answer is allowed.
+type questionOptions struct {
+	Options   []byte
+	AllowText bool
+}
+
+// setQuestionOptions stores the options of a question just asked, in tx.
+func setQuestionOptions(ctx context.Context, tx *sql.Tx, userID, id string, o questionOptions) error {
+	_, err := tx.ExecContext(ctx, `
+		UPDATE messages SET options = $3::jsonb, allow_text = $4
+		WHERE id = $1 AND user_id = $2 AND sender_type = 'AGENT'`, id, userID, nullJSON(o.Options), o.AllowText)
+	if err != nil {
+		return fmt.Errorf("set question options: %w", err)
+	}
+	return nil
+}
+
+func nullJSON(b []byte) any {
+	if len(b) == 0 {
+		return nil
+	}
+	return string(b)
+}
+
+// alreadyAnswered is a 409 whose detail says what was decided.
+type alreadyAnswered struct{ detail string }
+
+func (e *alreadyAnswered) Error() string { return e.detail }
+
+// personAnswer is what the person sends to the answer endpoint.
+type personAnswer struct {
+	Decision string // an approval's
+	Message  string
+	Text     string // a question's (an option's text when Option chose one)
+}
+
+// answered is a question or approval after the person answered it.
+type answered struct {
+	ID        string
+	SessionID string
+	Kind      string // "question" or "approval"
+	Decision  string
+	Message   string
+	Answer    string
+	Rule      string // for allow_session: the rule now allowed
+}
+
+// answerQuestion records the person's answer to question id: an approval's
+// decision (allow_session also stores the rule, when the call has one), or a
+// question's answer as the person's message after it. The first answer
+// wins: a decided approval, or a question a person's message already
+// answered, is an *alreadyAnswered. A question that can no longer be
+// answered (superseded, its session ended, timed out) is one too. validate
+// checks the answer against the stored question under its lock. It returns
+// errNotFound if the question is missing or not userID's.
+func (s *store) answerQuestion(ctx context.Context, userID, id string, timeout time.Duration, validate func(q questionFields) (personAnswer, error)) (answered, error) {
+	return s.answerQuestionWith(ctx, userID, id, "", timeout, validate)
+}
+
+// answerQuestionWith is answerQuestion; with capHash the answer comes from
+// that lock-screen capability, which must still exist (errGone if not) and
+// is used up in the same transaction.
+func (s *store) answerQuestionWith(ctx context.Context, userID, id, capHash string, timeout time.Duration, validate func(q questionFields) (personAnswer, error)) (answered, error) {
+	out := answered{ID: id}
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		err := tx.QueryRowContext(ctx, `
+			SELECT agent_instance_id FROM messages
+			WHERE id = $1 AND user_id = $2 AND sender_type = 'AGENT' AND (requires_user_input OR kind = 'approval')`,
+			id, userID).Scan(&out.SessionID)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errNotFound
+		}
+		if err != nil {
+			return err
+		}
+		if _, _, _, err := lockSession(ctx, tx, userID, out.SessionID); err != nil {
+			return err
+		}
+		if capHash != "" {
+			// Under the session lock: of two uses at once, the second
+			// finds the capability gone.
+			res, err := tx.ExecContext(ctx, `
+				DELETE FROM action_capabilities WHERE hash = $1 AND message_id = $2 AND user_id = $3`, capHash, id, userID)
+			if err != nil {
+				return err
+			}
+			if n, _ := res.RowsAffected(); n == 0 {
+				return errGone
+			}
+		}
+		// Any answer kills every capability of the question.
+		if _, err := tx.ExecContext(ctx, `DELETE FROM action_capabilities WHERE message_id = $1 AND user_id = $2`, id, userID); err != nil {
+			return err
+		}
+		var q questionFields
+		var seq int64
+		var status string
+		var expired bool
+		var answer sql.NullString
+		var nextAgent sql.NullInt64
+		err = tx.QueryRowContext(ctx, `
+			SELECT m.seq, a.status, m.created_at + make_interval(secs => $3) <= now(),
+				(SELECT content FROM messages u WHERE u.agent_instance_id = m.agent_instance_id AND u.user_id = $2
+					AND u.sender_type = 'USER' AND u.seq > m.seq ORDER BY u.seq LIMIT 1),
+				(SELECT min(seq) FROM messages n WHERE n.agent_instance_id = m.agent_instance_id AND n.user_id = $2
+					AND n.sender_type = 'AGENT' AND n.seq > m.seq),
+				`+questionColumns+`
+			FROM messages m JOIN agent_instances a ON a.id = m.agent_instance_id AND a.user_id = $2
+			WHERE m.id = $1 AND m.user_id = $2`, id, userID, timeout.Seconds(),
+		).Scan(append([]any{&seq, &status, &expired, &answer, &nextAgent}, q.scan()...)...)
+		if err != nil {
+			return err
+		}
+		if q.Kind.String == "approval" {
+			out.Kind = "approval"
+			if q.Decision.Valid {
+				return &alreadyAnswered{"already answered: " + q.Decision.String}
+			}
+		} else {
+			out.Kind = "question"
+			if answer.Valid {
+				return &alreadyAnswered{"already answered: " + cutChars(answer.String, 200)}
+			}
+			if nextAgent.Valid {
+				return &alreadyAnswered{"no longer open: the agent moved on (superseded)"}
+			}
+		}
+		switch {
+		case status == statusCompleted:
+			return &alreadyAnswered{"no longer open: the session ended"}
+		case expired:
+			return &alreadyAnswered{"no longer open: timed out"}
+		}
+		in, err := validate(q)
+		if err != nil {
+			return err
+		}
+		if out.Kind == "question" {
+			out.Answer = cleanText(in.Text)
+			_, err := insertUserMessage(ctx, tx, userID, out.SessionID, out.Answer)
+			return err
+		}
+		out.Decision, out.Message = in.Decision, cleanText(in.Message)
+		if in.Decision == decisionAllowSession {
+			if rule := ruleFor(q.ToolName.String, q.ToolInput); rule.ok {
+				out.Rule = rule.String()
+				if _, err := tx.ExecContext(ctx, `
+					INSERT INTO session_rules (agent_instance_id, user_id, tool_name, prefix)
+					VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING`, out.SessionID, userID, rule.tool, rule.prefix); err != nil {
+					return err
+				}
+			}
+		}
+		_, err = tx.ExecContext(ctx, `
+			UPDATE messages SET decision = $3, decision_message = NULLIF($4, ''), decided_at = now(), requires_user_input = false
+			WHERE id = $1 AND user_id = $2`, id, userID, out.Decision, out.Message)
+		if err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `
+			UPDATE agent_instances SET last_activity_at = now(),
+				status = CASE WHEN status = 'AWAITING_INPUT' THEN 'ACTIVE' ELSE status END
+			WHERE id = $1 AND user_id = $2`, out.SessionID, userID)
+		if err != nil {
+			return err
+		}
+		return notifySession(ctx, tx, userID, out.SessionID)
+	})
+	if err != nil {
+		var aa *alreadyAnswered
+		if errors.As(err, &aa) {
+			// Nothing more can answer it: its capabilities go too.
+			if _, err := s.db.ExecContext(ctx, `DELETE FROM action_capabilities WHERE message_id = $1 AND user_id = $2`, id, userID); err != nil {
+				return answered{}, fmt.Errorf("answer question: %w", err)
+			}
+			return answered{}, aa
+		}
+		if errors.Is(err, errGone) {
+			return answered{}, errGone
+		}
+		return answered{}, fmt.Errorf("answer question: %w", err)
+	}
+	return out, nil
+}
+
+// insertUserMessage stores a person's message in a locked session, as
+// addUserMessage does (without moving the read pointer).
+func insertUserMessage(ctx context.Context, tx *sql.Tx, userID, sessionID, content string) (message, error) {
+	m := message{SessionID: sessionID, SenderType: senderUser, Content: content}
+	err := tx.QueryRowContext(ctx, `
+		WITH lk AS (SELECT pg_advisory_xact_lock(hashtextextended($2::uuid::text, 0))),
+		ins AS (
+			INSERT INTO messages (agent_instance_id, user_id, sender_type, content)
+			SELECT $1::uuid, $2::uuid, 'USER', $3::text FROM lk
+			RETURNING id, seq, created_at
+		),
+		upd AS (
+			UPDATE agent_instances AS a SET
+				last_activity_at = GREATEST(a.last_activity_at, ins.created_at),
+				status = CASE WHEN a.status = 'AWAITING_INPUT' THEN 'ACTIVE' ELSE a.status END
+			FROM ins WHERE a.id = $1 AND a.user_id = $2
+			RETURNING a.id
+		)
+		SELECT ins.id, ins.seq, ins.created_at,
+			pg_notify($4, 'm ' || $2::uuid::text || ' ' || $1::uuid::text || ' ' || ins.seq)
+		FROM ins, upd`, sessionID, userID, content, notifyChannel).Scan(&m.ID, &m.Seq, &m.CreatedAt, new(string))
+	if err != nil {
+		return message{}, fmt.Errorf("insert user message: %w", err)
+	}
+	return m, nil
+}
+
+// openQuestion is a session's open question or approval.
+type openQuestion struct {
+	SessionID string
+	ID        string
+	Content   string
+	Q         questionFields
+}
+
+// openQuestions returns the open question of each of userID's sessions in
+// ids that has one: its latest agent message, when that asks, the session
+// has not ended, and (for a question) no person's message came after it;
+// an approval stays open until decided.
+func (s *store) openQuestions(ctx context.Context, userID string, ids []string) (map[string]openQuestion, map[string]string, error) {
+	list, err := queryAll(ctx, s.db, func(o *openQuestion) []any {
+		return append([]any{&o.SessionID, &o.ID, &o.Content}, o.Q.scan()...)
+	}, `
+		SELECT a.id, m.id, m.content, m.kind, m.tool_name, m.tool_input, m.decision, m.decision_message,
+			m.decided_by_rule, m.options, m.allow_text
+		FROM agent_instances a
+		CROSS JOIN LATERAL (
+			SELECT * FROM messages
+			WHERE agent_instance_id = a.id AND user_id = $1 AND sender_type = 'AGENT'
+			ORDER BY seq DESC LIMIT 1
+		) m
+		WHERE a.id = ANY ($2::uuid[]) AND a.user_id = $1 AND a.status <> 'COMPLETED' AND m.requires_user_input
+			AND (m.kind = 'approval' OR NOT EXISTS (SELECT 1 FROM messages u
+				WHERE u.agent_instance_id = a.id AND u.user_id = $1 AND u.sender_type = 'USER' AND u.seq > m.seq))`,
+		userID, pq.Array(ids))
+	if err != nil {
+		return nil, nil, fmt.Errorf("open questions: %w", err)
+	}
+	out := make(map[string]openQuestion, len(list))
+	for _, o := range list {
+		out[o.SessionID] = o
+	}
+	// Who wrote each session's latest message.
+	type sender struct{ id, sender string }
+	senders, err := queryAll(ctx, s.db, func(v *sender) []any { return []any{&v.id, &v.sender} }, `
+		SELECT a.id, m.sender_type FROM agent_instances a
+		CROSS JOIN LATERAL (
+			SELECT sender_type FROM messages
+			WHERE agent_instance_id = a.id AND user_id = $1
+			ORDER BY seq DESC LIMIT 1
+		) m
+		WHERE a.id = ANY ($2::uuid[]) AND a.user_id = $1`, userID, pq.Array(ids))
+	if err != nil {
+		return nil, nil, fmt.Errorf("last senders: %w", err)
+	}
+	last := make(map[string]string, len(senders))
+	for _, v := range senders {
+		last[v.id] = v.sender
+	}
+	return out, last, nil
+}
+
+// decisionsAt returns the approvals of the session that the person decided
+// at the instant at (the transaction time a decision gives decided_at and
+// the session's last_activity_at alike).
+func (s *store) decisionsAt(ctx context.Context, userID, sessionID string, at time.Time) ([]approval, error) {
+	out, err := queryAll(ctx, s.db, func(a *approval) []any { return []any{&a.ID, &a.Decision, &a.Message} }, `
+		SELECT id, decision, COALESCE(decision_message, '') FROM messages
+		WHERE agent_instance_id = $1 AND user_id = $2 AND kind = 'approval' AND decided_at = $3
+			AND decided_by_rule IS NULL
+		ORDER BY seq`, sessionID, userID, at)
+	if err != nil {
+		return nil, fmt.Errorf("decisions: %w", err)
+	}
+	return out, nil
+}
+
+// ---- lock-screen actions (issue 12) ----
+
+// errGone: a capability that was used, expired or never existed.
+var errGone = errors.New("gone")
+
+// notifyAction is a button of a notification: its label, what it decides,
+// and the capability that is its credential (only ever in the notification).
+type notifyAction struct {
+	Label      string
+	Action     string // allow, deny or option
+	Option     string
+	Capability string
+}
+
+// maxActionOptions: a question with more options gets no buttons (ntfy
+// shows at most three).
+const maxActionOptions = 3
+
+// addActions makes the lock-screen capabilities of the question.asked
+// deliveries just claimed in tx: Allow and Deny for an undecided approval,
+// one per option for a question with at most three options that is still
+// open. A retried delivery's earlier capabilities are replaced.
+func addActions(ctx context.Context, tx *sql.Tx, ds []delivery) error {
+	for i := range ds {
+		d := &ds[i]
+		if d.EventKind != eventQuestionAsked || d.MessageID == "" {
+			continue
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM action_capabilities WHERE delivery_id = $1 AND user_id = $2`, d.ID, d.UserID); err != nil {
+			return err
+		}
+		var q questionFields
+		var asks bool
+		err := tx.QueryRowContext(ctx, `SELECT requires_user_input, `+questionColumns+` FROM messages WHERE id = $1 AND user_id = $2`,
+			d.MessageID, d.UserID).Scan(append([]any{&asks}, q.scan()...)...)
+		if errors.Is(err, sql.ErrNoRows) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		var acts []notifyAction
+		switch {
+		case q.Kind.String == "approval" && !q.Decision.Valid:
+			acts = []notifyAction{{Label: "Allow", Action: decisionAllow}, {Label: "Deny", Action: decisionDeny}}
+		case q.Kind.String == "" && asks && len(q.Options) > 0:
+			var opts []string
+			json.Unmarshal(q.Options, &opts)
+			if len(opts) > maxActionOptions {
+				break
+			}
+			for _, o := range opts {
+				acts = append(acts, notifyAction{Label: o, Action: "option", Option: o})
+			}
+		}
+		for j := range acts {
+			capability, hash := newCapability()
+			acts[j].Capability = capability
+			if _, err := tx.ExecContext(ctx, `
+				INSERT INTO action_capabilities (hash, user_id, message_id, delivery_id, action, option)
+				VALUES ($1, $2, $3, $4, $5, NULLIF($6, ''))`,
+				hash, d.UserID, d.MessageID, d.ID, acts[j].Action, acts[j].Option); err != nil {
+				return err
+			}
+		}
+		d.Actions = acts
+	}
+	return nil
+}
+
+// capabilityTarget returns the user and question a capability (by its
+// hash) is bound to, or errGone.
+func (s *store) capabilityTarget(ctx context.Context, hash string) (userID, messageID, action, option string, err error) {
+	var opt sql.NullString
+	err = s.db.QueryRowContext(ctx, `
+		SELECT user_id, message_id, action, option FROM action_capabilities WHERE hash = $1`, hash).
+		Scan(&userID, &messageID, &action, &opt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", "", "", "", errGone
+	}
+	if err != nil {
+		return "", "", "", "", fmt.Errorf("capability: %w", err)
+	}
+	return userID, messageID, action, opt.String, nil
 }

@@ -24,13 +24,14 @@ func TestTSClient(t *testing.T) {
 	}
 	e := newTestEnv(t)
 	key := e.mustKey(t, "ts@example.com", scopeAgent)
+	person := e.mustKey(t, "ts@example.com", scopePerson) // the approval (issue 12)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, node, "scripts/tsclient/check.mjs", e.srv.URL, key).CombinedOutput()
+	out, err := exec.CommandContext(ctx, node, "scripts/tsclient/check.mjs", e.srv.URL, key, person).CombinedOutput()
 	if err != nil {
 		t.Fatalf("TypeScript client: %v\n%s", err, out)
 	}
-	for _, want := range []string{"streamable: ok", "sse: ok"} {
+	for _, want := range []string{"streamable: ok", "sse: ok", "streamable: approve ok", "sse: approve ok"} {
 		if !strings.Contains(string(out), want) {
 			t.Fatalf("TypeScript client output lacks %q:\n%s", want, out)
 		}

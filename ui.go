@@ -41,6 +41,7 @@ func timeJSON(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 type questionJSON struct {
 	ID      string `json:"id"`
 	Content string `json:"content"`
+	questionJSONFields
 }
 
 // sessionJSON is a session in a "session" event.
@@ -69,6 +70,7 @@ type sessionItemJSON struct {
 	sessionJSON
 	LastMessage  *string       `json:"last_message"`
 	OpenQuestion *questionJSON `json:"open_question"`
+	LastSender   string        `json:"last_sender,omitempty"` // AGENT or USER (issue 12: "You" in the list)
 }
 
 func toSessionItemJSON(s sessionSummary) sessionItemJSON {
@@ -141,6 +143,9 @@ func (a *app) handleSessions() http.HandlerFunc {
 		for _, s := range list {
 			page.Sessions = append(page.Sessions, toSessionItemJSON(s))
 		}
+		if err := a.withOpenQuestions(r.Context(), c.UserID, &page); err != nil { // approvals and choices (issue 12)
+			return nil, err
+		}
 		if len(list) == int(limit) {
 			last := list[len(list)-1]
 			next := encodeCursor(sessionCursor{last.LastActivityAt, last.ID})
@@ -163,11 +168,13 @@ type timelineMessageJSON struct {
 	SenderType        string `json:"sender_type"`
 	CreatedAt         string `json:"created_at"`
 	RequiresUserInput bool   `json:"requires_user_input"`
+	questionJSONFields
 }
 
 func toTimelineJSON(m message, withSession bool) timelineMessageJSON {
 	j := timelineMessageJSON{ID: m.ID, Seq: m.Seq, Content: m.Content, SenderType: m.SenderType,
 		CreatedAt: timeJSON(m.CreatedAt), RequiresUserInput: m.RequiresUserInput}
+	j.questionJSONFields = toQuestionJSONFields(m.RequiresUserInput, m.Q) // approvals and choices (issue 12)
 	if withSession {
 		j.SessionID = m.SessionID
 	}
@@ -385,6 +392,9 @@ func (s *eventStream) catchUp(ctx context.Context) error {
 		}
 		data, _ := json.Marshal(toSessionJSON(ss))
 		if err := s.send("session", "", data); err != nil {
+			return err
+		}
+		if err := s.sendDecisions(ctx, ss); err != nil { // approvals and choices (issue 12)
 			return err
 		}
 	}

@@ -105,7 +105,7 @@
     }
     if (!r.ok) {
       const detail = (data && typeof data.detail === 'string') ? data.detail : 'HTTP ' + r.status;
-      if (r.status === 401 && state.key) signOut('The key was refused (revoked or expired). Paste a new one.');
+      if (r.status === 401 && state.key && !state.signingIn) signOut('The key was refused (revoked or expired). Paste a new one.');
       throw new HTTPError(r.status, detail);
     }
     return data;
@@ -115,14 +115,17 @@
 
   async function signIn(key) {
     state.key = key;
+    state.signingIn = true; // a refused key keeps the pasted text, so it can be corrected
     try {
       await api('GET', '/api/v1/sessions?limit=1');
     } catch (e) {
       state.key = null;
+      state.signingIn = false;
       if (e.status === 403) return 'That is an agent key: it may write but not read. Paste a person key (agentline token -scope person).';
       if (e.status === 401) return 'That key was refused: ' + e.message;
       return 'Could not reach agentline: ' + e.message;
     }
+    state.signingIn = false;
     try {
       localStorage.setItem(KEY_STORAGE, key);
     } catch (e) {
@@ -361,6 +364,7 @@
       }
       if (event === 'message') onMessage(payload);
       else if (event === 'session') onSession(payload);
+      else if (event === 'decision') onDecision(payload);
     }
     // Only after the event is handled: a reconnect resumes after it.
     if (id !== null && /^\d+$/.test(id)) state.lastEventId = id;
@@ -372,9 +376,12 @@
       scheduleRefresh(); // a new session: read it whole
     } else {
       s.last_message = cutChars(m.content, LAST_MESSAGE_CHARS);
+      s.last_sender = m.sender_type;
       s.last_activity_at = m.created_at;
       const asks = m.sender_type === 'AGENT' && m.requires_user_input && s.status !== 'COMPLETED';
-      s.open_question = asks ? { id: m.id, content: m.content } : null;
+      // A person's message never decides an approval: it stays open.
+      const keep = m.sender_type === 'USER' && s.open_question && s.open_question.kind === 'approval';
+      if (!keep) s.open_question = asks ? openQuestionOf(m) : null;
       if (asks) s.status = 'AWAITING_INPUT';
     }
     if (m.session_id === state.openId) {
@@ -382,6 +389,32 @@
       else addToTimeline(m);
     }
     render();
+  }
+
+  function openQuestionOf(m) {
+    return {
+      id: m.id, content: m.content, kind: m.kind, options: m.options, allow_text: m.allow_text,
+      tool_name: m.tool_name, tool_input: m.tool_input,
+    };
+  }
+
+  // onDecision: an approval was decided (here or on another device).
+  function onDecision(ev) {
+    const s = state.sessions.get(ev.session_id);
+    if (s && s.open_question && s.open_question.id === ev.id) s.open_question = null;
+    const entry = document.querySelector('#timeline li[data-id="' + CSS.escape(ev.id) + '"]');
+    if (entry) markDecision(entry, ev.decision, ev.decision_message);
+    render();
+  }
+
+  function markDecision(li, decision, message) {
+    let d = li.querySelector('.decision');
+    if (!d) {
+      d = el('p', 'decision');
+      li.append(d);
+    }
+    const words = { allow: 'Allowed', allow_session: 'Allowed for this session', deny: 'Denied' };
+    d.textContent = (words[decision] || decision) + (message ? ': ' + message : '');
   }
 
   function onSession(ev) {
@@ -439,7 +472,9 @@
   // stay, so an answer being typed is never wiped by an update.
   function renderQuestions() {
     const list = $('questions');
-    const open = sortedSessions().filter((s) => s.open_question).reverse(); // waiting longest first
+    // Approvals first (an agent is blocked on each), then questions; waiting longest first.
+    const open = sortedSessions().filter((s) => s.open_question).reverse();
+    open.sort((a, b) => (b.open_question.kind === 'approval') - (a.open_question.kind === 'approval'));
     const want = new Set(open.map((s) => s.open_question.id));
     for (const card of Array.from(list.children)) {
       if (!want.has(card.dataset.question)) card.remove();
@@ -462,7 +497,7 @@
 
   function questionCard(s) {
     const q = s.open_question;
-    const li = el('li', 'card question');
+    const li = el('li', 'card question' + (q.kind === 'approval' ? ' approval' : ''));
     li.dataset.question = q.id;
     li.dataset.session = s.id;
     const head = el('div', 'row');
@@ -470,10 +505,101 @@
     who.type = 'button';
     who.addEventListener('click', () => openSession(s.id));
     head.append(who, el('span', 'meta', ago(s.last_activity_at)));
-    const text = el('p', 'text', q.content);
+    li.append(head, ...answerControls(s, q, 'card'));
+    return li;
+  }
+
+  // answerControls are what the person answers q with: an approval's tool
+  // and input (as text) with Allow / Allow for this session / Deny; a
+  // question's option buttons and (unless allow_text is false) a text box.
+  // Everything goes to POST /api/v1/questions/ID/answer: the first answer
+  // wins, a late one says what was decided.
+  function answerControls(s, q, where) {
+    const note = el('span', 'meta');
+    note.setAttribute('role', 'status');
+    const done = () => {
+      const cur = state.sessions.get(s.id);
+      if (cur && cur.open_question && cur.open_question.id === q.id) {
+        cur.open_question = null;
+        if (cur.status === 'AWAITING_INPUT') cur.status = 'ACTIVE';
+      }
+      render();
+      if (state.openId === s.id) loadTimeline(false);
+    };
+    const answer = async (body, buttons) => {
+      for (const b of buttons) b.disabled = true;
+      note.textContent = 'Sending…';
+      try {
+        await api('POST', '/api/v1/questions/' + encodeURIComponent(q.id) + '/answer', body);
+        note.textContent = '';
+        done();
+        return true;
+      } catch (err) {
+        note.textContent = (err.status === 409 ? 'Too late: ' : 'Not sent: ') + err.message;
+        if (err.status === 409) setTimeout(done, 1500);
+        return false;
+      } finally {
+        for (const b of buttons) b.disabled = false;
+      }
+    };
+    if (q.kind === 'approval') {
+      const title = el('p', 'text');
+      title.append('Allow ', el('strong', 'tool', q.tool_name || '?'), '?');
+      let input = '';
+      try {
+        input = JSON.stringify(q.tool_input, null, 2);
+      } catch (e) {
+        input = String(q.tool_input);
+      }
+      const pre = el('pre', 'tool-input', input); // text, never markup
+      const actions = el('div', 'actions');
+      const allow = el('button', 'primary', 'Allow');
+      const session = el('button', '', 'Allow for this session');
+      const deny = el('button', 'danger', 'Deny');
+      const buttons = [allow, session, deny];
+      for (const b of buttons) b.type = 'button';
+      allow.dataset.decision = 'allow';
+      session.dataset.decision = 'allow_session';
+      deny.dataset.decision = 'deny';
+      const fieldId = 'deny-' + where + '-' + q.id;
+      const label = el('label', '', 'Message with Deny (optional)');
+      label.htmlFor = fieldId;
+      const why = el('input', 'deny-message');
+      why.id = fieldId;
+      why.type = 'text';
+      why.maxLength = 2000;
+      allow.addEventListener('click', () => answer({ decision: 'allow' }, buttons));
+      session.addEventListener('click', () => answer({ decision: 'allow_session' }, buttons));
+      deny.addEventListener('click', () => {
+        const body = { decision: 'deny' };
+        if (why.value.trim()) body.message = why.value.trim();
+        answer(body, buttons);
+      });
+      actions.append(allow, session, deny, note);
+      return [title, pre, label, why, actions];
+    }
+    const out = [el('p', 'text', q.content)];
+    const options = Array.isArray(q.options) ? q.options : [];
+    const optionButtons = [];
+    if (options.length) {
+      const row = el('div', 'actions options');
+      for (const o of options) {
+        const b = el('button', 'option', o);
+        b.type = 'button';
+        b.dataset.option = o;
+        b.addEventListener('click', () => answer({ option: o }, optionButtons));
+        optionButtons.push(b);
+        row.append(b);
+      }
+      out.push(row);
+    }
+    if (q.allow_text === false) {
+      out.push(note);
+      return out;
+    }
     const form = el('form', 'reply');
     form.noValidate = true;
-    const fieldId = 'answer-' + q.id;
+    const fieldId = 'answer-' + where + '-' + q.id;
     const label = el('label', '', 'Answer');
     label.htmlFor = fieldId;
     const box = el('textarea');
@@ -482,39 +608,18 @@
     const actions = el('div', 'actions');
     const send = el('button', 'primary', 'Send');
     send.type = 'submit';
-    const note = el('span', 'meta');
-    note.setAttribute('role', 'status');
-    actions.append(send, note);
+    actions.append(send, el('span', 'meta hint-keys', 'Ctrl+Enter sends'), note);
     form.append(label, box, actions);
     form.addEventListener('submit', async (e) => {
       e.preventDefault();
-      const content = box.value;
-      if (!content.trim()) {
+      if (!box.value.trim()) {
         note.textContent = 'Write an answer first.';
         return;
       }
-      send.disabled = true;
-      note.textContent = 'Sending…';
-      try {
-        // mark_as_read false: the answer must reach the agent.
-        await api('POST', '/api/v1/messages/user', { agent_instance_id: s.id, content, mark_as_read: false });
-        box.value = '';
-        note.textContent = '';
-        const cur = state.sessions.get(s.id);
-        if (cur && cur.open_question && cur.open_question.id === q.id) {
-          cur.open_question = null;
-          if (cur.status === 'AWAITING_INPUT') cur.status = 'ACTIVE';
-        }
-        render();
-        if (state.openId === s.id) loadTimeline(false);
-      } catch (err) {
-        note.textContent = 'Not sent: ' + err.message;
-      } finally {
-        send.disabled = false;
-      }
+      if (await answer({ text: box.value }, [send, ...optionButtons])) box.value = '';
     });
-    li.append(head, text, form);
-    return li;
+    out.push(form);
+    return out;
   }
 
   function renderSessions() {
@@ -526,7 +631,10 @@
       b.dataset.session = s.id;
       const top = el('span', 'row');
       top.append(el('span', 'agent', s.agent_type), statusBadge(s.status), el('span', 'meta when', ago(s.last_activity_at)));
-      b.append(top, el('span', 'last', s.last_message || ''));
+      const last = el('span', 'last');
+      if (s.last_message && s.last_sender === 'USER') last.append(el('strong', 'you', 'You: '));
+      last.append(s.last_message || '');
+      b.append(top, last);
       b.addEventListener('click', () => openSession(s.id));
       li.append(b);
       return li;
@@ -548,19 +656,39 @@
     if (s.ended_at) parts.push('ended ' + clock(s.ended_at));
     else if (s.last_activity_at) parts.push('last activity ' + ago(s.last_activity_at));
     $('detail-meta').textContent = parts.join(' · ');
-    $('end').disabled = s.status === 'COMPLETED';
+    const ended = s.status === 'COMPLETED';
+    $('end').disabled = ended;
+    $('feedback-form').hidden = ended;
+    $('end-box').hidden = ended;
+    if (ended) $('end-confirm').hidden = true;
+    // A session waiting for an answer shows the Answer box (or the approval
+    // buttons) right here, kept while it stays the same question.
+    const box = $('detail-question');
+    const q = !ended && s.open_question;
+    if (!q) {
+      box.replaceChildren();
+      box.hidden = true;
+      delete box.dataset.question;
+    } else if (box.dataset.question !== q.id) {
+      box.dataset.question = q.id;
+      box.replaceChildren(el('h3', '', q.kind === 'approval' ? 'Waiting for your decision' : 'Waiting for your answer'), ...answerControls(s, q, 'detail'));
+      box.hidden = false;
+    }
   }
 
   function addToTimeline(m) {
     const last = state.timeline[state.timeline.length - 1];
     if (last && m.seq <= last.seq) return; // already shown
     state.timeline.push(m);
-    const steps = state.timeline.filter((x) => x.sender_type === 'AGENT' && !x.requires_user_input).length;
+    const steps = state.timeline.filter((x) => x.sender_type === 'AGENT' && !x.requires_user_input && x.kind !== 'approval').length;
     let kind;
     let label;
     if (m.sender_type === 'USER') {
       kind = 'user';
       label = 'You';
+    } else if (m.kind === 'approval') {
+      kind = 'question approval';
+      label = 'Approval: ' + (m.tool_name || '');
     } else if (m.requires_user_input) {
       kind = 'question';
       label = 'Question';
@@ -571,9 +699,13 @@
     const follow = lastEntryVisible();
     const li = el('li', 'entry ' + kind);
     li.dataset.seq = String(m.seq);
+    li.dataset.id = m.id;
     const head = el('div', 'row');
     head.append(el('span', 'kind', label), el('span', 'meta', clock(m.created_at)));
     li.append(head, el('p', 'text', m.content));
+    if (m.kind === 'approval' && m.decision) {
+      markDecision(li, m.decision, m.decided_by_rule ? 'by the session rule ' + m.decided_by_rule : m.decision_message);
+    }
     $('timeline').append(li);
     // Follow new entries only when the person is at the end already: never
     // pull the page away from what they are reading.
@@ -596,6 +728,7 @@
     document.body.classList.add('viewing');
     $('feedback-state').textContent = '';
     $('end-state').textContent = '';
+    $('end-confirm').hidden = true;
     $('diff-box').hidden = true;
     render();
     loadTimeline(true);
@@ -879,9 +1012,18 @@
         button.disabled = false;
       }
     });
-    $('end').addEventListener('click', async () => {
+    $('end').addEventListener('click', () => {
+      if (!state.openId) return;
+      $('end-confirm').hidden = false;
+      $('end-state').textContent = '';
+    });
+    $('end-cancel').addEventListener('click', () => {
+      $('end-confirm').hidden = true;
+    });
+    $('end-yes').addEventListener('click', async () => {
       const id = state.openId;
       if (!id) return;
+      $('end-confirm').hidden = true;
       $('end').disabled = true;
       $('end-state').textContent = 'Ending…';
       try {

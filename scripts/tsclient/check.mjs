@@ -1,13 +1,15 @@
 // check.mjs runs the official TypeScript MCP client against an agentline
 // server, over Streamable HTTP and over SSE: list the tools, log a step, ask
-// a question answered through REST while it waits, end the session.
-// Usage: node check.mjs BASE_URL AGENT_KEY   (exits non-zero on any failure)
+// a question answered through REST while it waits, end the session; with a
+// person key also an approval (the approve tool, Claude Code's permission
+// prompt contract) allowed through the answer endpoint while it waits.
+// Usage: node check.mjs BASE_URL AGENT_KEY [PERSON_KEY]   (exits non-zero on any failure)
 import assert from "node:assert/strict";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import { SSEClientTransport } from "@modelcontextprotocol/sdk/client/sse.js";
 
-const [base, key] = process.argv.slice(2);
+const [base, key, personKey] = process.argv.slice(2);
 const headers = { Authorization: `Bearer ${key}` };
 
 for (const kind of ["streamable", "sse"]) {
@@ -21,7 +23,7 @@ for (const kind of ["streamable", "sse"]) {
   await client.connect(transport);
 
   const { tools } = await client.listTools();
-  assert.deepEqual(tools.map((t) => t.name).sort(), ["ask_question", "end_session", "log_step"]);
+  assert.deepEqual(tools.map((t) => t.name).sort(), ["approve", "ask_question", "end_session", "log_step"]);
 
   const step = await client.callTool({ name: "log_step", arguments: { step_description: `hello from the TypeScript client (${kind})` } });
   assert.equal(step.isError ?? false, false, JSON.stringify(step));
@@ -37,6 +39,34 @@ for (const kind of ["streamable", "sse"]) {
   assert.equal(ans.isError ?? false, false, JSON.stringify(ans));
   assert.equal(ans.structuredContent.status, "answered");
   assert.equal(ans.structuredContent.answer, "yes, go ahead");
+
+  if (personKey) {
+    // The person allows the approval once it is the session's open question.
+    const person = { Authorization: `Bearer ${personKey}`, "Content-Type": "application/json" };
+    const allow = (async () => {
+      for (let i = 0; i < 100; i++) {
+        const r = await (await fetch(base + "/api/v1/sessions", { headers: person })).json();
+        const q = r.sessions.find((s) => s.id === sid)?.open_question;
+        if (q && q.kind === "approval") {
+          assert.equal(q.tool_name, "Bash");
+          const a = await fetch(base + `/api/v1/questions/${q.id}/answer`, { method: "POST", headers: person, body: JSON.stringify({ decision: "allow" }) });
+          assert.equal(a.status, 200);
+          return;
+        }
+        await new Promise((res) => setTimeout(res, 100));
+      }
+      throw new Error("the approval never became the open question");
+    })();
+    const input = { command: "npm test", timeout: 60000 };
+    const ap = await client.callTool({ name: "approve", arguments: { tool_name: "Bash", input, tool_use_id: `toolu_ts_${kind}`, agent_instance_id: sid } });
+    await allow;
+    assert.equal(ap.isError ?? false, false, JSON.stringify(ap));
+    assert.equal(ap.content.length, 1);
+    assert.equal(ap.content[0].type, "text");
+    assert.equal(ap.content[0].text, JSON.stringify({ behavior: "allow", updatedInput: input }));
+    assert.deepEqual(ap.structuredContent, { behavior: "allow", updatedInput: input });
+    console.log(`${kind}: approve ok`);
+  }
 
   const end = await client.callTool({ name: "end_session", arguments: { agent_instance_id: sid } });
   assert.equal(end.structuredContent.final_status, "COMPLETED");
