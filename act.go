@@ -15,9 +15,8 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
-	"sync"
-	"time"
 	"unicode"
 )
 
@@ -78,52 +77,10 @@ func ntfyActions(links []actionLink) string {
 	return strings.Join(parts, "; ")
 }
 
-// actLimiter is a token bucket per client address: a small burst, then a
-// steady trickle, enough for a person tapping buttons and nowhere near
-// enough to guess a 256-bit capability.
-type actLimiter struct {
-	mu      sync.Mutex
-	buckets map[string]*actBucket
-	burst   float64
-	every   time.Duration // one token per every
-	now     func() time.Time
-}
-
-type actBucket struct {
-	tokens float64
-	at     time.Time
-}
-
-func newActLimiter(burst int, every time.Duration) *actLimiter {
-	return &actLimiter{buckets: map[string]*actBucket{}, burst: float64(burst), every: every, now: time.Now}
-}
-
-// allow takes a token from addr's bucket.
-func (l *actLimiter) allow(addr string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	now := l.now()
-	if len(l.buckets) > 10000 {
-		// Forget full buckets rather than grow for ever.
-		for k, b := range l.buckets {
-			if now.Sub(b.at) > time.Duration(l.burst)*l.every {
-				delete(l.buckets, k)
-			}
-		}
-	}
-	b := l.buckets[addr]
-	if b == nil {
-		b = &actBucket{tokens: l.burst, at: now}
-		l.buckets[addr] = b
-	}
-	b.tokens = min(l.burst, b.tokens+now.Sub(b.at).Seconds()/l.every.Seconds())
-	b.at = now
-	if b.tokens < 1 {
-		return false
-	}
-	b.tokens--
-	return true
-}
+// actRate limits the act endpoint per client address, whatever RATE_LIMIT
+// says: a small burst, then one every 3 s, enough for a person tapping
+// buttons and nowhere near enough to guess a 256-bit capability.
+var actRate = rateLimit{perSec: 1.0 / 3, burst: 20}
 
 // clientAddr is the request's peer address without its port.
 func clientAddr(r *http.Request) string {
@@ -140,10 +97,11 @@ const goneDetail = "this action link was already used, has expired or is unknown
 // to. 200 with the question's new state; 410 for a used, expired or unknown
 // capability and for a question no longer open (nothing changes); 429
 // over the rate limit.
-func (a *app) handleAct(lim *actLimiter) http.HandlerFunc {
+func (a *app) handleAct(lim *limiter) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if !lim.allow(clientAddr(r)) {
-			w.Header().Set("Retry-After", "10")
+		if ok, wait := lim.allow(clientAddr(r)); !ok {
+			a.ops.metrics.rateLimited.Add(1)
+			w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(wait)))
 			writeJSON(w, http.StatusTooManyRequests, errorBody{"too many requests; wait a little"})
 			return
 		}

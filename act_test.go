@@ -188,22 +188,22 @@ func TestActAfterTimeout(t *testing.T) {
 
 func TestActRateLimit(t *testing.T) {
 	t.Parallel()
-	l := newActLimiter(3, time.Second)
 	now := time.Unix(1000, 0)
-	l.now = func() time.Time { return now }
+	l := newLimiter(rateLimit{perSec: 1, burst: 3}, func() time.Time { return now })
+	allow := func(addr string) bool { ok, _ := l.allow(addr); return ok }
 	for i := 0; i < 3; i++ {
-		if !l.allow("a") {
+		if !allow("a") {
 			t.Fatalf("request %d refused", i)
 		}
 	}
-	if l.allow("a") {
+	if allow("a") {
 		t.Fatal("burst not limited")
 	}
-	if !l.allow("b") {
+	if !allow("b") {
 		t.Fatal("another address limited")
 	}
 	now = now.Add(time.Second)
-	if !l.allow("a") || l.allow("a") {
+	if !allow("a") || allow("a") {
 		t.Fatal("refill wrong")
 	}
 	// Over HTTP: a 429 with Retry-After after the burst.
@@ -214,6 +214,16 @@ func TestActRateLimit(t *testing.T) {
 	}
 	if last != http.StatusTooManyRequests {
 		t.Fatalf("status %d after 25 quick requests, want 429", last)
+	}
+	// The act endpoint is limited whatever RATE_LIMIT says: one token every
+	// 3 s, so the wait it names is at most 3 s.
+	resp, err := http.Post(e.srv.URL+"/api/v1/act/"+strings.Repeat("B", 43), "application/json", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if ra := resp.Header.Get("Retry-After"); resp.StatusCode != 429 || ra < "1" || ra > "3" || len(ra) != 1 {
+		t.Fatalf("over the limit: %d, Retry-After %q", resp.StatusCode, ra)
 	}
 }
 

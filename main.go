@@ -405,7 +405,7 @@ func (a *app) routeTable() []route {
 		{"GET /api/v1/keys", person(a.handleListKeys())},
 		{"DELETE /api/v1/keys/{id}", person(a.handleRevokeKey())},
 		{"POST /api/v1/questions/{id}/answer", person(a.handleAnswer())},
-		{"POST /api/v1/act/{capability}", a.handleAct(newActLimiter(20, 3*time.Second))}, // the capability is the credential
+		{"POST /api/v1/act/{capability}", a.handleAct(newLimiter(actRate, nil))}, // the capability is the credential
 		{"GET /api/v1/notification-channels", person(a.handleListChannels())},
 		{"POST /api/v1/notification-channels", person(a.handleCreateChannel())},
 		{"DELETE /api/v1/notification-channels/{id}", person(a.handleDeleteChannel())},

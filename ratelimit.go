@@ -5,8 +5,8 @@ package main
 // sits right behind requireKey, so /health and the inbox page's static files
 // are never limited, and a long wait (a pending long-poll, ask_question)
 // costs one token like any other request: the bucket is only consulted as
-// the request comes in. It also offers limitByAddr, the same limit per client
-// address, for endpoints without a key (the approvals issue's act endpoint).
+// the request comes in. Its limiter (a token bucket per name) also limits the
+// keyless act endpoint per client address, at a fixed rate (act.go).
 
 import (
 	"bytes"
@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -181,11 +180,10 @@ func retryAfterSeconds(d time.Duration) int {
 
 // ---- middleware ----
 
-// limiters are an app's two limiters, made on first use from cfg.rateLimit.
+// limiters are an app's key limiter, made on first use from cfg.rateLimit.
 type limiters struct {
 	once      sync.Once
 	byKey     *limiter
-	byAddr    *limiter
 	testClock func() time.Time // tests move time by hand; nil is time.Now
 }
 
@@ -193,7 +191,6 @@ func (a *app) limiters() *limiters {
 	l := &a.ops.limits
 	l.once.Do(func() {
 		l.byKey = newLimiter(a.cfg.rateLimit, l.testClock)
-		l.byAddr = newLimiter(a.cfg.rateLimit, l.testClock)
 	})
 	return l
 }
@@ -204,24 +201,6 @@ func (a *app) limitKey(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		c, _ := callerFrom(r.Context())
 		if ok, wait := a.limiters().byKey.allow(c.KeyID); !ok {
-			a.refuseRate(w, r, wait)
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
-// limitByAddr refuses a request whose client address has no token left: for
-// endpoints reached without a key. The address is the TCP peer's; behind a
-// reverse proxy every client shares the proxy's bucket, so such endpoints
-// should be rate-limited at the proxy too.
-func (a *app) limitByAddr(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		host, _, err := net.SplitHostPort(r.RemoteAddr)
-		if err != nil {
-			host = r.RemoteAddr
-		}
-		if ok, wait := a.limiters().byAddr.allow(host); !ok {
 			a.refuseRate(w, r, wait)
 			return
 		}
