@@ -233,16 +233,13 @@ func (m *mcpServer) approve(ctx context.Context, who mcpCaller, req *mcp.CallToo
 		return nil, nil, m.storeToolError(ctx, "approve", err)
 	}
 	if ap.State == questionOpen {
-		if token := req.Params.GetProgressToken(); token != nil {
-			stopProgress := m.reportProgress(ctx, req, token)
-			defer stopProgress()
-		}
 		limit := ap.Left
 		if l := m.a.cfg.callLimit; l > 0 && l < limit {
 			limit = l
 		}
 		wctx, release := m.a.keys.hold(ctx, who.caller, 0)
 		defer release()
+		every, report := m.progress(ctx, req)
 		_, err = m.a.wait(wctx, "s:"+sid, max(limit, time.Millisecond), func() (bool, error) {
 			o, err := m.a.store.approvalOutcome(ctx, who.UserID, sid, ap.ID, timeout)
 			if err == nil {
@@ -250,7 +247,7 @@ func (m *mcpServer) approve(ctx context.Context, who mcpCaller, req *mcp.CallToo
 				ap = o
 			}
 			return err != nil || ap.State != questionOpen, err
-		}, 0, nil)
+		}, every, report)
 		if err != nil {
 			return nil, nil, m.storeToolError(wctx, "approve", err)
 		}

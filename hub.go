@@ -29,6 +29,12 @@ type hub struct {
 	pinging  atomic.Bool
 	// reconnects counts re-established LISTEN connections (metrics).
 	reconnects atomic.Int64
+	// id names this hub's self-check tokens; heard is the latest token the
+	// listener received, missed counts self-checks that never came back
+	// (watch).
+	id     string
+	heard  atomic.Pointer[string]
+	missed atomic.Int64
 
 	mu     sync.Mutex
 	topics map[string]map[chan struct{}]struct{} // "s:"+session or "u:"+user
@@ -41,7 +47,7 @@ type hub struct {
 // when ctx ends (the database may be unreachable: the listener retries for
 // ever, so start-up must be able to give up).
 func newHub(ctx context.Context, dsn string, log *slog.Logger) (*hub, error) {
-	h := &hub{log: log, topics: map[string]map[chan struct{}]struct{}{}, done: make(chan struct{})}
+	h := &hub{log: log, topics: map[string]map[chan struct{}]struct{}{}, done: make(chan struct{}), id: newUUID()}
 	h.listener = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
 		switch ev {
 		case pq.ListenerEventDisconnected:
@@ -84,9 +90,12 @@ func (h *hub) run() {
 				continue
 			}
 			// The payload is "KIND USER SESSION SEQ"; kind "o": the
-			// notification outbox has new rows.
+			// notification outbox has new rows; kind "p": a replica's
+			// self-check (watch), its token in place of the user.
 			if f := strings.Fields(n.Extra); len(f) == 4 && f[0] == "o" {
 				h.wake(outboxTopic)
+			} else if len(f) == 4 && f[0] == "p" {
+				h.heard.Store(&f[1])
 			} else if len(f) == 4 {
 				h.wake("u:" + f[1])
 				h.wake("s:" + f[2])
@@ -179,9 +188,41 @@ func (h *hub) close() {
 	h.wakeAll()
 }
 
-// safetyRecheck is how often a waiter re-reads the database even when no
-// notification came: the last line of defence against a lost wake-up.
-const safetyRecheck = 30 * time.Second
+// watch checks, every `every`, that the listener still hears what is
+// committed: it sends a NOTIFY of its own through the pool (send) and
+// expects it back by the next check. A waiter does no database work while
+// it waits, so this one check per replica replaces the per-waiter re-reads
+// of earlier releases: NOTIFY is reliable while the LISTEN connection is
+// up, a lost connection wakes every waiter when it is back (run), and a
+// self-check that never came back wakes them too. A check that could not be
+// sent (the database is down) proves nothing: the reconnect will wake them.
+func (h *hub) watch(ctx context.Context, every time.Duration, send func(ctx context.Context, payload string) error) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var sent string
+	for n := 1; ; n++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if heard := h.heard.Load(); sent != "" && (heard == nil || *heard != sent) {
+			h.log.Warn("wait hub: the listener missed its own self-check; every waiter re-checks")
+			h.missed.Add(1)
+			h.wakeAll()
+		}
+		sent = fmt.Sprintf("%s-%d", h.id, n)
+		sctx, cancel := context.WithTimeout(ctx, every/2)
+		if err := send(sctx, "p "+sent+" - 0"); err != nil {
+			h.log.Debug("wait hub: self-check not sent", "err", err)
+			sent = ""
+		}
+		cancel()
+	}
+}
+
+// hubCheckEvery is how often each replica's hub checks itself (watch).
+const hubCheckEvery = time.Minute
 
 // errShuttingDown ends waits when the server stops.
 var errShuttingDown = errors.New("server is shutting down")
@@ -189,8 +230,8 @@ var errShuttingDown = errors.New("server is shutting down")
 // wait is the one wait loop of agentline. It blocks until check reports
 // done, limit passes (not done, no error; limit <= 0 means no limit), ctx
 // ends (its cause: errKeyRevoked when the caller's key was revoked) or the
-// server shuts down (errShuttingDown). check runs at once, after every
-// wake-up of topic and every safetyRecheck; idle, if not nil, runs every
+// server shuts down (errShuttingDown). check runs at once and after every
+// wake-up of topic (see watch); idle, if not nil, runs every
 // idleEvery while nothing else happens, and its error ends the wait. While
 // it waits, wait holds no database connection.
 func (a *app) wait(ctx context.Context, topic string, limit time.Duration, check func() (bool, error), idleEvery time.Duration, idle func() error) (bool, error) {
@@ -202,8 +243,6 @@ func (a *app) wait(ctx context.Context, topic string, limit time.Duration, check
 		defer t.Stop()
 		deadline = t.C
 	}
-	recheck := time.NewTicker(safetyRecheck)
-	defer recheck.Stop()
 	var idleTick <-chan time.Time
 	if idle != nil {
 		t := time.NewTicker(idleEvery)
@@ -224,8 +263,6 @@ func (a *app) wait(ctx context.Context, topic string, limit time.Duration, check
 		for {
 			select {
 			case <-wake:
-				break waiting
-			case <-recheck.C:
 				break waiting
 			case <-idleTick:
 				if err := idle(); err != nil {

@@ -4,6 +4,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto"
 	"database/sql"
@@ -359,7 +360,10 @@ type app struct {
 	// eventsKeepalive overrides how often the event stream sends a comment
 	// line (tests shorten it); zero means the default.
 	eventsKeepalive time.Duration
-	ops             opsState // issue 13: rate limits and metrics
+	// hubCheckEvery overrides how often the wait hub checks itself (tests);
+	// zero means hubCheckEvery.
+	hubCheckEvery time.Duration
+	ops           opsState // issue 13: rate limits and metrics
 }
 
 // newApp builds the service over st and h (opts adjust it first: tests) and
@@ -375,6 +379,9 @@ func newApp(st *store, h *hub, keys []publicKey, cfg config, log *slog.Logger, o
 	}
 	a.mcp = newMCPServer(a)
 	go a.keys.run(stopping, a.cfg.keyRecheck)
+	go h.watch(stopping, cmp.Or(a.hubCheckEvery, hubCheckEvery), func(ctx context.Context, payload string) error {
+		return st.notifyProbe(ctx, notifyChannel, payload)
+	})
 	return a, stop
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -352,10 +353,6 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 	if err != nil {
 		return nil, askQuestionOut{}, m.storeToolError(ctx, "ask_question", err)
 	}
-	if token := req.Params.GetProgressToken(); token != nil {
-		stopProgress := m.reportProgress(ctx, req, token)
-		defer stopProgress()
-	}
 	// Wait for the call's limit or what is left of the question's time,
 	// whichever is first; the key is re-checked while it waits.
 	limit := q.Left
@@ -364,13 +361,14 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 	}
 	wctx, release := m.a.keys.hold(ctx, who.caller, 0)
 	defer release()
+	every, report := m.progress(ctx, req)
 	var o outcome
 	defer m.a.ops.metrics.answerWait()(&o.State, &o.Answer)
 	_, err = m.a.wait(wctx, "s:"+id, max(limit, time.Millisecond), func() (bool, error) {
 		var err error
 		o, err = m.a.store.questionOutcome(ctx, who.UserID, id, q, timeout, false)
 		return err != nil || o.State != questionOpen, err
-	}, 0, nil)
+	}, every, report)
 	if err == nil && o.State == questionOpen {
 		// The call returns now: it hands over the feedback queued before the
 		// question, and says whether the question timed out meanwhile.
@@ -400,37 +398,28 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 	return res, out, nil
 }
 
-// reportProgress sends a progress notification every progressEvery until
-// the returned stop is called.
-func (m *mcpServer) reportProgress(ctx context.Context, req *mcp.CallToolRequest, token any) (stop func()) {
-	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	every := m.a.progressEvery
-	if every <= 0 {
-		every = progressEvery
+// progress is how a waiting call reports progress: the wait loop runs
+// report every `every` while nothing else happens (no goroutine of its own
+// per waiting call). Without a progress token it reports nothing.
+func (m *mcpServer) progress(ctx context.Context, req *mcp.CallToolRequest) (every time.Duration, report func() error) {
+	token := req.Params.GetProgressToken()
+	if token == nil {
+		return 0, nil
 	}
-	go func() {
-		defer close(done)
-		t := time.NewTicker(every)
-		defer t.Stop()
-		start := time.Now()
-		for n := 1; ; n++ {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				err := req.Session.NotifyProgress(ctx, &mcp.ProgressNotificationParams{
-					ProgressToken: token,
-					Progress:      float64(n),
-					Message:       fmt.Sprintf("waiting for the person's answer (%s)", time.Since(start).Round(time.Second)),
-				})
-				if err != nil && ctx.Err() == nil {
-					m.a.log.Debug("progress notification failed", "err", err)
-				}
-			}
+	every = cmp.Or(m.a.progressEvery, progressEvery)
+	start, n := time.Now(), 0
+	return every, func() error {
+		n++
+		err := req.Session.NotifyProgress(ctx, &mcp.ProgressNotificationParams{
+			ProgressToken: token,
+			Progress:      float64(n),
+			Message:       fmt.Sprintf("waiting for the person's answer (%s)", time.Since(start).Round(time.Second)),
+		})
+		if err != nil && ctx.Err() == nil {
+			m.a.log.Debug("progress notification failed", "err", err)
 		}
-	}()
-	return func() { cancel(); <-done }
+		return nil // a lost progress notification does not end the wait
+	}
 }
 
 // ---- end_session ----

@@ -314,6 +314,8 @@ func (a *app) writeMetrics(w io.Writer) {
 		fmt.Fprintf(w, "agentline_hub_waiters %d\n", a.hub.waiters())
 		help("agentline_hub_reconnects_total", "counter", "Times the hub's LISTEN connection was re-established.")
 		fmt.Fprintf(w, "agentline_hub_reconnects_total %d\n", a.hub.reconnects.Load())
+		help("agentline_hub_selfcheck_missed_total", "counter", "Self-checks the hub's listener never received (every waiter re-checked).")
+		fmt.Fprintf(w, "agentline_hub_selfcheck_missed_total %d\n", a.hub.missed.Load())
 	}
 	if a.store != nil {
 		s := a.store.db.Stats()

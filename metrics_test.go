@@ -87,7 +87,7 @@ func TestMetrics(t *testing.T) {
 	url := "http://" + addr + "/metrics"
 
 	before := scrapeMetrics(t, url)
-	for _, name := range []string{"agentline_questions_waiting", "agentline_hub_waiters", "agentline_hub_reconnects_total",
+	for _, name := range []string{"agentline_questions_waiting", "agentline_hub_waiters", "agentline_hub_reconnects_total", "agentline_hub_selfcheck_missed_total",
 		"agentline_db_connections", "agentline_rate_limited_total"} {
 		if before[name] == nil {
 			t.Errorf("metric %s missing", name)

@@ -719,14 +719,15 @@ func perfLongPoll(ctx context.Context, c *http.Client, base, key, session string
 	}
 }
 
-// TestPerfIdleWaiters holds 200 REST long-polls and shows what they cost
-// while nothing happens: no statement runs in the database, no pooled
-// connection is in use, none is busy in PostgreSQL; then every one of them
-// gets its answer. (TestPerfThousandWaiters is the same at scale, over a
-// minute, against the real binary.)
+// TestPerfIdleWaiters holds 100 REST long-polls and 100 MCP ask_question
+// calls and shows what they cost while nothing happens, for longer than the
+// 30 s per-waiter re-check of earlier releases: no statement runs in the
+// database, no pooled connection is in use, none is busy in PostgreSQL; then
+// every one of them gets its answer. (TestPerfWaiters is the same at scale
+// against the real binary.)
 func TestPerfIdleWaiters(t *testing.T) {
 	t.Parallel()
-	const n = 200
+	const n, rest = 200, 100
 	e := newTestEnv(t)
 	key := e.mustKey(t, "idle@example.com", scopeAgent)
 	user := e.mustUserID(t, "idle@example.com")
@@ -739,8 +740,12 @@ func TestPerfIdleWaiters(t *testing.T) {
 	c := perfClient()
 	var started atomic.Int64
 	got := make(chan string, n)
-	for _, s := range sessions {
-		go perfLongPoll(ctx, c, e.srv.URL, key, s, 60, &started, got)
+	for i, s := range sessions {
+		if i < rest {
+			go perfLongPoll(ctx, c, e.srv.URL, key, s, 60, &started, got)
+		} else {
+			go perfAskAndWait(ctx, e.srv.URL, key, s, c.Transport, &started, func() {}, got)
+		}
 	}
 	for deadline := time.Now().Add(30 * time.Second); e.a.hub.waiters() < n; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -748,7 +753,7 @@ func TestPerfIdleWaiters(t *testing.T) {
 		}
 	}
 	t0 := perfWaitQuiet(t, probe, dbname, time.Second, 30*time.Second)
-	time.Sleep(2 * time.Second)
+	time.Sleep(33 * time.Second)
 	a := perfActivityOf(t, probe, dbname)
 	stats := e.db.Stats()
 	if a.lastChange.After(t0) || a.busy != 0 {
@@ -881,18 +886,15 @@ func TestPerfThousandWaiters(t *testing.T) {
 	for _, kind := range []string{"rest", "mcp"} {
 		t.Run(kind, func(t *testing.T) {
 			r := perfHoldWaiters(t, bin, kind, n)
-			// Where the transactions go: each waiter's safety re-check
-			// (every 30 s; a long-poll returns at 60 s, so it re-checks
-			// once per poll), and each request a client starts: its key
-			// lookup (lib/pq runs a parameterized statement outside a
-			// transaction as two protocol exchanges, which the statistics
-			// count as two transactions) and its first check. Whatever is
-			// left is the listener's keep-alive, a last_used_at write and
-			// autovacuum. Polling once a second would be 60 per waiter.
-			rechecks := int64(r.window/safetyRecheck) * int64(n)
-			if kind == "rest" {
-				rechecks = int64(n)
-			}
+			// Where the transactions go: each request a client starts (a
+			// long-poll returns at 60 s and is made again): its key lookup
+			// (lib/pq runs a parameterized statement outside a transaction
+			// as two protocol exchanges, which the statistics count as two
+			// transactions) and its first check. A waiter itself re-reads
+			// nothing while it waits. Whatever is left is the hub's
+			// self-check (one a minute), the listener's keep-alive, a
+			// last_used_at write and autovacuum.
+			rechecks := int64(0)
 			rest := r.xacts - rechecks - 3*r.requests
 			t.Logf("PERF waiters kind=%s n=%d window=%v xacts=%d = rechecks %d + client requests %d×3 + other %d; conns=%d busy=%d; rss_before=%.1fMiB rss_during=%.1fMiB rss_per_waiter=%.1fKiB; live_before=%dMiB live_during=%dMiB live_per_waiter=%.1fKiB; answer_all=%v",
 				r.kind, r.waiters, r.window, r.xacts, rechecks, r.requests, rest, r.conns, r.busy,
