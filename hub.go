@@ -38,6 +38,7 @@ type hub struct {
 
 	mu     sync.Mutex
 	topics map[string]map[chan struct{}]struct{} // "s:"+session or "u:"+user
+	calls  map[string]*heldCall                  // cancellable calls: "USER CALLKEY" (holdCall)
 	count  int
 	done   chan struct{}
 }
@@ -47,7 +48,8 @@ type hub struct {
 // when ctx ends (the database may be unreachable: the listener retries for
 // ever, so start-up must be able to give up).
 func newHub(ctx context.Context, dsn string, log *slog.Logger) (*hub, error) {
-	h := &hub{log: log, topics: map[string]map[chan struct{}]struct{}{}, done: make(chan struct{}), id: newUUID()}
+	h := &hub{log: log, topics: map[string]map[chan struct{}]struct{}{}, done: make(chan struct{}), id: newUUID(),
+		calls: map[string]*heldCall{}}
 	h.listener = pq.NewListener(dsn, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
 		switch ev {
 		case pq.ListenerEventDisconnected:
@@ -96,6 +98,8 @@ func (h *hub) run() {
 				h.wake(outboxTopic)
 			} else if len(f) == 4 && f[0] == "p" {
 				h.heard.Store(&f[1])
+			} else if len(f) == 4 && f[0] == "c" {
+				h.cancelCall(f[1] + " " + f[2])
 			} else if len(f) == 4 {
 				h.wake("u:" + f[1])
 				h.wake("s:" + f[2])
@@ -167,6 +171,36 @@ func (h *hub) subscribe(topic string) (wake <-chan struct{}, cancel func()) {
 			h.count--
 			h.mu.Unlock()
 		})
+	}
+}
+
+// holdCall registers a call that a cancellation (kind "c", sent by any
+// replica) ends: key is "USER CALLKEY". A second call under the same key
+// replaces the first, whose cancellation then goes nowhere. release must be
+// called when the call ends.
+func (h *hub) holdCall(key string, cancel context.CancelFunc) (release func()) {
+	c := &heldCall{cancel}
+	h.mu.Lock()
+	h.calls[key] = c
+	h.mu.Unlock()
+	return func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if h.calls[key] == c {
+			delete(h.calls, key)
+		}
+	}
+}
+
+type heldCall struct{ cancel context.CancelFunc }
+
+// cancelCall ends the call held under key, if this replica holds it.
+func (h *hub) cancelCall(key string) {
+	h.mu.Lock()
+	c := h.calls[key]
+	h.mu.Unlock()
+	if c != nil {
+		c.cancel()
 	}
 }
 

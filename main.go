@@ -380,7 +380,7 @@ func newApp(st *store, h *hub, keys []publicKey, cfg config, log *slog.Logger, o
 	a.mcp = newMCPServer(a)
 	go a.keys.run(stopping, a.cfg.keyRecheck)
 	go h.watch(stopping, cmp.Or(a.hubCheckEvery, hubCheckEvery), func(ctx context.Context, payload string) error {
-		return st.notifyProbe(ctx, notifyChannel, payload)
+		return st.pgNotify(ctx, notifyChannel, payload)
 	})
 	return a, stop
 }

@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"runtime/debug"
 	"strings"
@@ -54,6 +58,9 @@ func newMCPServer(a *app) *mcpServer {
 		// machine. It protects servers without authentication; here every
 		// request needs a bearer key, which a rebinding page cannot read.
 		DisableLocalhostProtection: true,
+		// From 2026-07-28 the POST is the whole call: a client that closes it
+		// has cancelled it (before that revision, see legacyCancel).
+		PropagateRequestCancellation: true,
 	})
 	m.streamable = http.HandlerFunc(m.serveStreamable)
 	m.sse = http.HandlerFunc(m.serveSSE)
@@ -90,12 +97,71 @@ func callerOf(r *http.Request) (mcpCaller, bool) {
 func (m *mcpServer) serveStreamable(w http.ResponseWriter, r *http.Request) {
 	r, done := m.holdRequest(r)
 	defer done()
+	if r.Method == http.MethodPost && r.Header.Get("Mcp-Method") == "" { // before 2026-07-28
+		var release func()
+		r, release = m.legacyCancel(w, r)
+		defer release()
+	}
 	who, ok := callerOf(r)
 	if !ok {
 		writeUnauthorized(w, errNoKey)
 		return
 	}
 	m.sdk.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), mcpCallerKey{}, who)))
+}
+
+// legacyCancel routes a cancellation before MCP 2026-07-28, where a client
+// (the TypeScript SDK, say) cancels a call by POSTing notifications/cancelled
+// and keeps the call's own connection open. In stateless mode the SDK hands
+// that notification to a throwaway session, so the call would wait out its
+// limit. Instead: initialize gets an Mcp-Session-Id of ours (random; the SDK
+// ignores it, the client sends it back on every request); a tools/call is
+// held in the hub under its caller, that id and its request id; the
+// cancellation, from the same caller and session id, ends it through a
+// NOTIFY, on whichever replica holds it. Request ids repeat across clients
+// (each counts from 0), so without the same session id nothing is
+// cancelled. From 2026-07-28 a client cancels by closing the request
+// (PropagateRequestCancellation, and carrier in mcpCaller).
+func (m *mcpServer) legacyCancel(w http.ResponseWriter, r *http.Request) (*http.Request, func()) {
+	c, ok := callerFrom(r.Context())
+	if !ok {
+		return r, func() {}
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+	r.Body = io.NopCloser(io.MultiReader(bytes.NewReader(body), r.Body)) // the SDK reads it all, and enforces the limit
+	var msg struct {
+		Method string          `json:"method"`
+		ID     json.RawMessage `json:"id"`
+		Params struct {
+			RequestID json.RawMessage `json:"requestId"`
+		} `json:"params"`
+	}
+	if err != nil || json.Unmarshal(body, &msg) != nil {
+		return r, func() {} // a batch, or not JSON: the SDK answers it
+	}
+	sid := r.Header.Get("Mcp-Session-Id")
+	switch {
+	case msg.Method == "initialize":
+		w.Header().Set("Mcp-Session-Id", newUUID())
+	case sid == "":
+	case msg.Method == "notifications/cancelled" && len(msg.Params.RequestID) > 0:
+		payload := fmt.Sprintf("c %s %s 0", c.UserID, callKey(sid, msg.Params.RequestID))
+		if err := m.a.store.pgNotify(r.Context(), notifyChannel, payload); err != nil {
+			m.a.log.Warn("cancellation not sent", "err", err)
+		}
+	case msg.Method == "tools/call" && len(msg.ID) > 0:
+		ctx, cancel := context.WithCancel(r.Context())
+		release := m.a.hub.holdCall(c.UserID+" "+callKey(sid, msg.ID), cancel)
+		return r.WithContext(ctx), func() { release(); cancel() }
+	}
+	return r, func() {}
+}
+
+// callKey names a client's request: its session id and request id, hashed
+// to a fixed-size token fit for a NOTIFY payload.
+func callKey(sessionID string, requestID json.RawMessage) string {
+	sum := sha256.Sum256([]byte(sessionID + "\n" + string(bytes.TrimSpace(requestID))))
+	return hex.EncodeToString(sum[:16])
 }
 
 // serveSSE routes an SSE request to the caller's own SSEHandler, so a session

@@ -95,7 +95,7 @@ func probeListen(ctx context.Context, st *store, listenDSN string, fromEnv bool)
 	}
 	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
-	if err := st.notifyProbe(ctx, channel, "probe"); err != nil {
+	if err := st.pgNotify(ctx, channel, "probe"); err != nil {
 		return fmt.Errorf("DATABASE_URL: NOTIFY for the LISTEN check failed: %w", err)
 	}
 	for {

@@ -1492,9 +1492,10 @@ func (s *store) revokeUserAPIKey(ctx context.Context, userID, keyID string) (key
 
 // ---- PostgreSQL behind a pooler ----
 
-// notifyProbe sends payload on channel: the start-up LISTEN check's
-// notification, and the wait hub's self-check (hub.watch).
-func (s *store) notifyProbe(ctx context.Context, channel, payload string) error {
+// pgNotify sends payload on channel: the start-up LISTEN check's
+// notification, the wait hub's self-check (hub.watch), a client's
+// cancellation of a waiting call (mcpServer.legacyCancel).
+func (s *store) pgNotify(ctx context.Context, channel, payload string) error {
 	_, err := s.db.ExecContext(ctx, `SELECT pg_notify($1, $2)`, channel, payload)
 	return err
 }
