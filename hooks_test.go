@@ -364,6 +364,15 @@ func TestHookAccessAndBadInput(t *testing.T) {
 	if n := mcpTCount(t, e, `SELECT count(*) FROM agent_instances WHERE id = $1`, other); n != 0 {
 		t.Fatal("another event stored a session")
 	}
+	// A cwd is kept as the title, bounded.
+	long := hkEvent(newUUID(), "Stop", nil)
+	long["cwd"] = "/" + strings.Repeat("d", 5000)
+	if code, b := e.call(t, "POST", hookPath, agent, long); code != 200 {
+		t.Fatalf("long cwd: %d %s", code, b)
+	}
+	if n := mcpTCount(t, e, `SELECT length(title) FROM agent_instances WHERE id = $1`, long["session_id"]); n != maxTitleChars {
+		t.Fatalf("title of %d characters, want %d", n, maxTitleChars)
+	}
 }
 
 // A Notification is in the timeline and reaches the person's channels once,

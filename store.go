@@ -2127,7 +2127,7 @@ func (s *store) openHookSession(ctx context.Context, userID, sessionID, title st
 		}
 		_, err := tx.ExecContext(ctx, `
 			UPDATE agent_instances SET title = $3
-			WHERE id = $1 AND user_id = $2 AND title IS NULL AND $3 <> ''`, sessionID, userID, cleanText(title))
+			WHERE id = $1 AND user_id = $2 AND title IS NULL AND $3 <> ''`, sessionID, userID, cutChars(cleanText(title), maxTitleChars))
 		return err
 	})
 	if err != nil {
@@ -2135,6 +2135,9 @@ func (s *store) openHookSession(ctx context.Context, userID, sessionID, title st
 	}
 	return nil
 }
+
+// maxTitleChars bounds a session's title (a path, but sent by a client).
+const maxTitleChars = 1000
 
 // hookStep is what a hook adds to a session's timeline.
 type hookStep struct {
