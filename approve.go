@@ -205,20 +205,54 @@ func (m *mcpServer) approveSession(ctx context.Context, who mcpCaller, in approv
 	return newUUID(), true, nil
 }
 
-func (m *mcpServer) approve(ctx context.Context, who mcpCaller, req *mcp.CallToolRequest, in approveIn) (*mcp.CallToolResult, json.RawMessage, error) {
-	tool := strings.TrimSpace(cleanText(in.ToolName))
+// checkToolCall validates a tool call to approve (the approve tool's, or a
+// PermissionRequest hook's): its tool name, its input (a JSON object,
+// inputField names it) and tool_use_id. It returns the cleaned name and the
+// canonical input, or a badRequest that says what is wrong.
+func checkToolCall(toolName, inputField string, rawInput json.RawMessage, toolUseID string) (string, []byte, error) {
+	tool := strings.TrimSpace(cleanText(toolName))
 	if tool == "" || utf8.RuneCountInString(tool) > 200 {
-		return nil, nil, errors.New("tool_name must be 1 to 200 characters")
+		return "", nil, badRequestf("tool_name must be 1 to 200 characters")
 	}
-	if len(in.Input) > maxToolInput {
-		return nil, nil, fmt.Errorf("input is over %d bytes", maxToolInput)
+	if len(rawInput) > maxToolInput {
+		return "", nil, badRequestf("%s is over %d bytes", inputField, maxToolInput)
 	}
-	input, ok := canonicalObject(in.Input)
+	input, ok := canonicalObject(rawInput)
 	if !ok {
-		return nil, nil, errors.New("input must be a JSON object (the tool call's input)")
+		return "", nil, badRequestf("%s must be a JSON object (the tool call's input)", inputField)
 	}
-	if len(in.ToolUseID) > 200 {
-		return nil, nil, errors.New("tool_use_id is over 200 characters")
+	if len(toolUseID) > 200 {
+		return "", nil, badRequestf("tool_use_id is over 200 characters")
+	}
+	return tool, input, nil
+}
+
+// awaitApproval waits until approval ap of the session is decided, closed,
+// ended or expired, or limit passes (limit <= 0, or past the approval's
+// timeout: until its timeout), holding c's key (a revoked key ends the
+// wait), running report every `every` meanwhile (MCP progress; nil for
+// none). It returns where ap stands then.
+func (a *app) awaitApproval(ctx context.Context, c caller, sid string, ap approval, limit, every time.Duration, report func() error) (approval, error) {
+	if limit <= 0 || limit > ap.Left {
+		limit = ap.Left
+	}
+	wctx, release := a.keys.hold(ctx, c, 0)
+	defer release()
+	_, err := a.wait(wctx, "s:"+sid, max(limit, time.Millisecond), func() (bool, error) {
+		o, err := a.store.approvalOutcome(ctx, c.UserID, sid, ap.ID, a.cfg.questionTimeout)
+		if err == nil {
+			o.Resumed, o.Left = ap.Resumed, ap.Left
+			ap = o
+		}
+		return err != nil || ap.State != questionOpen, err
+	}, every, report)
+	return ap, err
+}
+
+func (m *mcpServer) approve(ctx context.Context, who mcpCaller, req *mcp.CallToolRequest, in approveIn) (*mcp.CallToolResult, json.RawMessage, error) {
+	tool, input, err := checkToolCall(in.ToolName, "input", in.Input, in.ToolUseID)
+	if err != nil {
+		return nil, nil, err
 	}
 	sid, create, err := m.approveSession(ctx, who, in)
 	if err != nil {
@@ -233,23 +267,9 @@ func (m *mcpServer) approve(ctx context.Context, who mcpCaller, req *mcp.CallToo
 		return nil, nil, m.storeToolError(ctx, "approve", err)
 	}
 	if ap.State == questionOpen {
-		limit := ap.Left
-		if l := m.a.cfg.callLimit; l > 0 && l < limit {
-			limit = l
-		}
-		wctx, release := m.a.keys.hold(ctx, who.caller, 0)
-		defer release()
 		every, report := m.progress(ctx, req)
-		_, err = m.a.wait(wctx, "s:"+sid, max(limit, time.Millisecond), func() (bool, error) {
-			o, err := m.a.store.approvalOutcome(ctx, who.UserID, sid, ap.ID, timeout)
-			if err == nil {
-				o.Resumed, o.Left = ap.Resumed, ap.Left
-				ap = o
-			}
-			return err != nil || ap.State != questionOpen, err
-		}, every, report)
-		if err != nil {
-			return nil, nil, m.storeToolError(wctx, "approve", err)
+		if ap, err = m.a.awaitApproval(ctx, who.caller, sid, ap, m.a.cfg.callLimit, every, report); err != nil {
+			return nil, nil, m.storeToolError(ctx, "approve", err)
 		}
 	}
 	switch ap.State {

@@ -51,6 +51,7 @@ type config struct {
 	// issue 13: DATABASE_LISTEN_URL, a direct connection for LISTEN only
 	// (DATABASE_URL may then be a transaction pooler); empty: DATABASE_URL.
 	databaseListenURL string
+	hookWait          time.Duration // issue 15: HOOK_WAIT, how long a PermissionRequest hook waits for the person
 }
 
 // loadConfig reads and checks the environment; a value that does not parse
@@ -91,6 +92,12 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if c.keyRecheck <= 0 || c.keyRecheck > time.Minute {
 		// A revoked key must not keep a connection open for longer.
 		return c, errors.New("KEY_RECHECK must be positive and at most 1m")
+	}
+	if c.hookWait, err = durationEnv(getenv, "HOOK_WAIT", 280*time.Second); err != nil { // issue 15
+		return c, err
+	}
+	if c.hookWait <= 0 {
+		return c, errors.New("HOOK_WAIT must be positive (and below the hook timeout in Claude Code's settings)")
 	}
 	if err := loadNotifyConfig(getenv, &c); err != nil { // notifications (issue 11)
 		return c, err
@@ -413,6 +420,9 @@ func (a *app) routeTable() []route {
 		{"DELETE /api/v1/keys/{id}", person(a.handleRevokeKey())},
 		{"POST /api/v1/questions/{id}/answer", person(a.handleAnswer())},
 		{"POST /api/v1/act/{capability}", a.handleAct(newLimiter(actRate, nil))}, // the capability is the credential
+		{"POST /api/v1/hooks/claude-code", auth(a.handleClaudeCodeHook())},       // issue 15: Claude Code's http hooks
+		{"GET /api/v1/presence", person(a.handleGetPresence())},
+		{"PUT /api/v1/presence", person(a.handlePutPresence())},
 		{"GET /api/v1/notification-channels", person(a.handleListChannels())},
 		{"POST /api/v1/notification-channels", person(a.handleCreateChannel())},
 		{"DELETE /api/v1/notification-channels/{id}", person(a.handleDeleteChannel())},

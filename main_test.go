@@ -186,7 +186,7 @@ func newTestEnvOn(t testing.TB, dsn string, signer crypto.Signer, opts ...envOpt
 		t.Fatal(err)
 	}
 	pub := publicKey{key: signer.Public(), alg: "EdDSA", kid: fingerprint(signer.Public())}
-	cfg := config{questionTimeout: 24 * time.Hour, callLimit: 280 * time.Second, keyRecheck: time.Minute}
+	cfg := config{questionTimeout: 24 * time.Hour, callLimit: 280 * time.Second, keyRecheck: time.Minute, hookWait: 280 * time.Second}
 	// The notifier first, so options can adjust it; loopback receivers allowed.
 	withNotifier := func(a *app) {
 		a.notify = newNotifier(a.store, h, log, "http://inbox.test", true)

@@ -300,6 +300,13 @@ func (n *notifier) render(d delivery) notification {
 		nt.Title, nt.Tags = agent+" session ended", "checkered_flag"
 		nt.Text = agent + " ended its session " + d.SessionID
 		nt.InboxURL = n.publicURL + "/#/sessions/" + d.SessionID
+	case eventAgentWaiting, eventAgentIdle: // issue 15: Claude Code's hooks
+		nt.Title, nt.Priority, nt.Tags = agent+" is waiting for you", "high", "bell"
+		if d.EventKind == eventAgentIdle {
+			nt.Title, nt.Priority, nt.Tags = agent+" finished its turn", "default", "zzz"
+		}
+		nt.IDField, nt.ID = "message_id", d.MessageID
+		nt.InboxURL = n.publicURL + "/#/sessions/" + d.SessionID
 	case eventSummary:
 		nt.Count = d.Folded
 		nt.Title, nt.Priority, nt.Tags = fmt.Sprintf("%d more waiting", d.Folded), "high", "bell"

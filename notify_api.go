@@ -20,7 +20,9 @@ import (
 )
 
 // channelEvents are the events a channel may ask for.
-var channelEvents = []string{eventQuestionAsked, eventSessionEnded, eventMessageFlagged}
+// agent.waiting also reaches every channel that asks for question.asked
+// (issue 15: both mean the agent waits for the person).
+var channelEvents = []string{eventQuestionAsked, eventSessionEnded, eventMessageFlagged, eventAgentWaiting, eventAgentIdle}
 
 // channelRequest is a new channel as the API and the CLI take it.
 type channelRequest struct {
@@ -207,7 +209,7 @@ func (n *notifier) testChannel(ctx context.Context, userID, id string) (channelT
 // ---- agentline notify ----
 
 const notifyUsage = `usage:
-  agentline notify add -user EMAIL -kind ntfy|webhook -url URL [-token T] [-events question.asked,session.ended,message.flagged]
+  agentline notify add -user EMAIL -kind ntfy|webhook -url URL [-token T] [-events question.asked,session.ended,message.flagged,agent.waiting,agent.idle]
   agentline notify list -user EMAIL
   agentline notify remove ID
   agentline notify test ID`

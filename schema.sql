@@ -251,3 +251,14 @@ CREATE TABLE IF NOT EXISTS action_capabilities (
 );
 CREATE INDEX IF NOT EXISTS action_capabilities_message ON action_capabilities (message_id);
 CREATE INDEX IF NOT EXISTS action_capabilities_delivery ON action_capabilities (delivery_id);
+
+-- ---- Claude Code's hooks (issue 15) ----
+
+-- The person's Away switch: while it is on, a PermissionRequest hook waits
+-- for the person's decision; while off (at the desk) it is only recorded.
+ALTER TABLE users ADD COLUMN IF NOT EXISTS away boolean NOT NULL DEFAULT false;
+-- A session's title: the working directory Claude Code's hooks reported.
+ALTER TABLE agent_instances ADD COLUMN IF NOT EXISTS title text;
+-- An approval with no decision that no longer requires input was closed
+-- without one (asked at the terminal while the person was at the desk, or
+-- answered at the terminal or timed out): decision_message says which.

@@ -757,6 +757,7 @@ const (
 	questionSuperseded               // a newer agent message came first
 	questionEnded                    // the session ended first
 	questionExpired                  // the question timeout passed first
+	questionClosed                   // an approval closed without a decision (issue 15)
 )
 
 // outcome is where a question stands, its answer, and the feedback the
@@ -917,7 +918,12 @@ const (
 	eventSessionEnded   = "session.ended"
 	eventMessageFlagged = "message.flagged"
 	eventSummary        = "summary"
-	eventTest           = "test"
+	// issue 15: Claude Code waits for the person (a Notification hook;
+	// sent, like question.asked, to channels that ask for question.asked),
+	// and Claude finished its turn (Stop; opt-in).
+	eventAgentWaiting = "agent.waiting"
+	eventAgentIdle    = "agent.idle"
+	eventTest         = "test"
 )
 
 // maxChannelsPerUser bounds the fan-out of one event (and the work one user
@@ -957,7 +963,8 @@ func enqueueNotification(ctx context.Context, tx *sql.Tx, userID, sessionID, kin
 	_, err := tx.ExecContext(ctx, `
 		WITH ch AS (
 			SELECT id FROM notification_channels
-			WHERE user_id = $1 AND $3 = ANY (events)
+			WHERE user_id = $1 AND ($3 = ANY (events)
+				OR ($3 = 'agent.waiting' AND 'question.asked' = ANY (events)))
 			FOR KEY SHARE
 		),
 		ev AS (
@@ -1599,6 +1606,7 @@ func (s *store) askApproval(ctx context.Context, userID string, in approvalReque
 				extract(epoch FROM m.created_at + make_interval(secs => $6) - now())
 			FROM messages m
 			WHERE m.agent_instance_id = $1 AND m.user_id = $2 AND m.kind = 'approval'
+				AND (m.decision IS NOT NULL OR m.requires_user_input) -- never a closed one (issue 15)
 				AND CASE WHEN $3 <> '' THEN m.tool_use_id = $3
 					ELSE m.tool_use_id IS NULL AND m.tool_name = $4 AND m.tool_input = $5::jsonb
 						AND (m.decision IS NULL OR m.seq = (SELECT max(seq) FROM messages
@@ -1633,11 +1641,7 @@ func (s *store) askApproval(ctx context.Context, userID string, in approvalReque
 		if allowed {
 			ap.Decision, ap.Rule = decisionAllow, in.Rule.String()
 		}
-		_, err = tx.ExecContext(ctx, `
-			UPDATE messages SET kind = 'approval', tool_name = $3, tool_input = $4::jsonb, tool_use_id = NULLIF($5, ''),
-				decision = NULLIF($6, ''), decided_by_rule = NULLIF($7, ''), decided_at = CASE WHEN $6 <> '' THEN now() END
-			WHERE id = $1 AND user_id = $2`, m.ID, userID, in.ToolName, string(in.Input), in.ToolUseID, ap.Decision, ap.Rule)
-		return err
+		return markApproval(ctx, tx, userID, m.ID, in, ap.Decision, ap.Rule, "")
 	})
 	if err != nil {
 		return approval{}, fmt.Errorf("ask approval: %w", err)
@@ -1648,18 +1652,33 @@ func (s *store) askApproval(ctx context.Context, userID string, in approvalReque
 	return ap, nil
 }
 
+// markApproval makes agent message id, just stored in tx, an approval of
+// in's tool call: decided when decision is set (by rule, when rule is),
+// closed without a decision when note is set (issue 15).
+func markApproval(ctx context.Context, tx *sql.Tx, userID, id string, in approvalRequest, decision, rule, note string) error {
+	_, err := tx.ExecContext(ctx, `
+		UPDATE messages SET kind = 'approval', tool_name = $3, tool_input = $4::jsonb, tool_use_id = NULLIF($5, ''),
+			decision = NULLIF($6, ''), decided_by_rule = NULLIF($7, ''), decided_at = CASE WHEN $6 <> '' THEN now() END,
+			decision_message = NULLIF($8, '')
+		WHERE id = $1 AND user_id = $2`, id, userID, in.ToolName, string(in.Input), in.ToolUseID, decision, rule, note)
+	if err != nil {
+		return fmt.Errorf("mark approval: %w", err)
+	}
+	return nil
+}
+
 // approvalOutcome reports where approval id of the session stands.
 func (s *store) approvalOutcome(ctx context.Context, userID, sessionID, id string, timeout time.Duration) (approval, error) {
 	ap := approval{ID: id, SessionID: sessionID}
 	var decision, msg, rule sql.NullString
 	var status string
-	var expired bool
+	var expired, asks bool
 	err := s.db.QueryRowContext(ctx, `
 		SELECT m.decision, m.decision_message, m.decided_by_rule, a.status,
-			m.created_at + make_interval(secs => $4) <= now()
+			m.created_at + make_interval(secs => $4) <= now(), m.requires_user_input
 		FROM messages m JOIN agent_instances a ON a.id = m.agent_instance_id AND a.user_id = $2
 		WHERE m.id = $3 AND m.agent_instance_id = $1 AND m.user_id = $2 AND m.kind = 'approval'`,
-		sessionID, userID, id, timeout.Seconds()).Scan(&decision, &msg, &rule, &status, &expired)
+		sessionID, userID, id, timeout.Seconds()).Scan(&decision, &msg, &rule, &status, &expired, &asks)
 	if errors.Is(err, sql.ErrNoRows) {
 		return approval{}, errNotFound
 	}
@@ -1670,6 +1689,8 @@ func (s *store) approvalOutcome(ctx context.Context, userID, sessionID, id strin
 	switch {
 	case decision.Valid:
 		ap.State = questionAnswered
+	case !asks:
+		ap.State = questionClosed
 	case status == statusCompleted:
 		ap.State = questionEnded
 	case expired:
@@ -1770,17 +1791,17 @@ func (s *store) answerQuestionWith(ctx context.Context, userID, id, capHash stri
 			}
 		}
 		// Any answer kills every capability of the question.
-		if _, err := tx.ExecContext(ctx, `DELETE FROM action_capabilities WHERE message_id = $1 AND user_id = $2`, id, userID); err != nil {
+		if err := dropCapabilities(ctx, tx, userID, id); err != nil {
 			return err
 		}
 		var q questionFields
 		var seq int64
 		var status string
-		var expired bool
+		var expired, asks bool
 		var answer sql.NullString
 		var nextAgent sql.NullInt64
 		err = tx.QueryRowContext(ctx, `
-			SELECT m.seq, a.status, m.created_at + make_interval(secs => $3) <= now(),
+			SELECT m.seq, a.status, m.created_at + make_interval(secs => $3) <= now(), m.requires_user_input,
 				(SELECT content FROM messages u WHERE u.agent_instance_id = m.agent_instance_id AND u.user_id = $2
 					AND u.sender_type = 'USER' AND u.seq > m.seq ORDER BY u.seq LIMIT 1),
 				(SELECT min(seq) FROM messages n WHERE n.agent_instance_id = m.agent_instance_id AND n.user_id = $2
@@ -1788,7 +1809,7 @@ func (s *store) answerQuestionWith(ctx context.Context, userID, id, capHash stri
 				`+questionColumns+`
 			FROM messages m JOIN agent_instances a ON a.id = m.agent_instance_id AND a.user_id = $2
 			WHERE m.id = $1 AND m.user_id = $2`, id, userID, timeout.Seconds(),
-		).Scan(append([]any{&seq, &status, &expired, &answer, &nextAgent}, q.scan()...)...)
+		).Scan(append([]any{&seq, &status, &expired, &asks, &answer, &nextAgent}, q.scan()...)...)
 		if err != nil {
 			return err
 		}
@@ -1796,6 +1817,9 @@ func (s *store) answerQuestionWith(ctx context.Context, userID, id, capHash stri
 			out.Kind = "approval"
 			if q.Decision.Valid {
 				return &alreadyAnswered{"already answered: " + q.Decision.String}
+			}
+			if !asks { // closed without a decision (issue 15): the note says how
+				return &alreadyAnswered{"no longer open: " + q.DecisionMessage.String}
 			}
 		} else {
 			out.Kind = "question"
@@ -1838,20 +1862,13 @@ func (s *store) answerQuestionWith(ctx context.Context, userID, id, capHash stri
 		if err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `
-			UPDATE agent_instances SET last_activity_at = now(),
-				status = CASE WHEN status = 'AWAITING_INPUT' THEN 'ACTIVE' ELSE status END
-			WHERE id = $1 AND user_id = $2`, out.SessionID, userID)
-		if err != nil {
-			return err
-		}
-		return notifySession(ctx, tx, userID, out.SessionID)
+		return stopWaiting(ctx, tx, userID, out.SessionID)
 	})
 	if err != nil {
 		var aa *alreadyAnswered
 		if errors.As(err, &aa) {
 			// Nothing more can answer it: its capabilities go too.
-			if _, err := s.db.ExecContext(ctx, `DELETE FROM action_capabilities WHERE message_id = $1 AND user_id = $2`, id, userID); err != nil {
+			if err := dropCapabilities(ctx, s.db, userID, id); err != nil {
 				return answered{}, fmt.Errorf("answer question: %w", err)
 			}
 			return answered{}, aa
@@ -1862,6 +1879,31 @@ func (s *store) answerQuestionWith(ctx context.Context, userID, id, capHash stri
 		return answered{}, fmt.Errorf("answer question: %w", err)
 	}
 	return out, nil
+}
+
+// dropCapabilities deletes every lock-screen capability of question id.
+func dropCapabilities(ctx context.Context, q execer, userID, id string) error {
+	_, err := q.ExecContext(ctx, `DELETE FROM action_capabilities WHERE message_id = $1 AND user_id = $2`, id, userID)
+	return err
+}
+
+// execer is a *sql.DB or a *sql.Tx.
+type execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// stopWaiting records, in tx, that the session no longer waits on an
+// approval: a session AWAITING_INPUT is ACTIVE again, its activity moves to
+// now, and the hub hears of it.
+func stopWaiting(ctx context.Context, tx *sql.Tx, userID, sessionID string) error {
+	_, err := tx.ExecContext(ctx, `
+		UPDATE agent_instances SET last_activity_at = now(),
+			status = CASE WHEN status = 'AWAITING_INPUT' THEN 'ACTIVE' ELSE status END
+		WHERE id = $1 AND user_id = $2`, sessionID, userID)
+	if err != nil {
+		return err
+	}
+	return notifySession(ctx, tx, userID, sessionID)
 }
 
 // insertUserMessage stores a person's message in a locked session, as
@@ -2004,7 +2046,7 @@ func addActions(ctx context.Context, tx *sql.Tx, ds []delivery) error {
 		}
 		var acts []notifyAction
 		switch {
-		case q.Kind.String == "approval" && !q.Decision.Valid:
+		case q.Kind.String == "approval" && !q.Decision.Valid && asks: // asks: not closed (issue 15)
 			acts = []notifyAction{{Label: "Allow", Action: decisionAllow}, {Label: "Deny", Action: decisionDeny}}
 		case q.Kind.String == "" && asks && len(q.Options) > 0:
 			var opts []string
@@ -2045,4 +2087,152 @@ func (s *store) capabilityTarget(ctx context.Context, hash string) (userID, mess
 		return "", "", "", "", fmt.Errorf("capability: %w", err)
 	}
 	return userID, messageID, action, opt.String, nil
+}
+
+// ---- Claude Code's hooks (issue 15) ----
+
+// presence reports whether userID's Away switch is on. It returns
+// errNotFound for an unknown user.
+func (s *store) presence(ctx context.Context, userID string) (bool, error) {
+	var away bool
+	err := s.db.QueryRowContext(ctx, `SELECT away FROM users WHERE id = $1`, userID).Scan(&away)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, errNotFound
+	}
+	if err != nil {
+		return false, fmt.Errorf("presence: %w", err)
+	}
+	return away, nil
+}
+
+// setPresence turns userID's Away switch on or off. It returns errNotFound
+// for an unknown user.
+func (s *store) setPresence(ctx context.Context, userID string, away bool) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE users SET away = $2, updated_at = now() WHERE id = $1`, userID, away)
+	if err != nil {
+		return fmt.Errorf("set presence: %w", err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return errNotFound
+	}
+	return nil
+}
+
+// openHookSession makes sure Claude Code's session is userID's agentline
+// session: created on first sight with agent type claude-code and title as
+// its title (a title already kept stays). It returns errNotFound when the
+// id is another user's session.
+func (s *store) openHookSession(ctx context.Context, userID, sessionID, title string) error {
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		if _, err := lockOrCreateSession(ctx, tx, userID, sessionID, hookAgentType); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, `
+			UPDATE agent_instances SET title = $3
+			WHERE id = $1 AND user_id = $2 AND title IS NULL AND $3 <> ''`, sessionID, userID, cutChars(cleanText(title), maxTitleChars))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("open hook session: %w", err)
+	}
+	return nil
+}
+
+// maxTitleChars bounds a session's title (a path, but sent by a client).
+const maxTitleChars = 1000
+
+// hookStep is what a hook adds to a session's timeline.
+type hookStep struct {
+	SessionID string
+	Content   string
+	Event     string           // the notification it sends ("" for none)
+	Waiting   bool             // the session now waits for the person
+	Approval  *approvalRequest // a permission asked at the terminal: stored as a closed approval
+	Note      string           // that approval's note
+	// QuietWhenApprovalOpen: nothing at all is stored or sent while the
+	// session has an open approval (it already asks the person).
+	QuietWhenApprovalOpen bool
+	Timeout               time.Duration // QUESTION_TIMEOUT: an older approval is no longer open
+}
+
+// addHookStep stores a hook's step in userID's existing session, marks the
+// session waiting when asked, and enqueues its notification, in one
+// transaction. It reports whether it stored anything, and returns
+// errNotFound if the session is missing or not userID's.
+func (s *store) addHookStep(ctx context.Context, userID string, in hookStep) (bool, error) {
+	stored := false
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		if _, _, _, err := lockSession(ctx, tx, userID, in.SessionID); err != nil {
+			return err
+		}
+		if in.QuietWhenApprovalOpen {
+			var open bool
+			err := tx.QueryRowContext(ctx, `
+				SELECT EXISTS (SELECT 1 FROM messages
+					WHERE agent_instance_id = $1 AND user_id = $2 AND kind = 'approval' AND decision IS NULL
+						AND requires_user_input AND created_at + make_interval(secs => $3) > now())`,
+				in.SessionID, userID, in.Timeout.Seconds()).Scan(&open)
+			if err != nil || open {
+				return err
+			}
+		}
+		m, _, err := insertAgentMessage(ctx, tx, userID, agentMessage{SessionID: in.SessionID, Content: in.Content}, false)
+		if err != nil {
+			return err
+		}
+		stored = true
+		if in.Approval != nil {
+			if err := markApproval(ctx, tx, userID, m.ID, *in.Approval, "", "", in.Note); err != nil {
+				return err
+			}
+		}
+		if in.Waiting {
+			if _, err := tx.ExecContext(ctx, `
+				UPDATE agent_instances SET status = 'AWAITING_INPUT'
+				WHERE id = $1 AND user_id = $2 AND status <> 'COMPLETED'`, in.SessionID, userID); err != nil {
+				return err
+			}
+		}
+		if in.Event == "" {
+			return nil
+		}
+		return enqueueNotification(ctx, tx, userID, in.SessionID, in.Event, m.ID)
+	})
+	if err != nil {
+		return false, fmt.Errorf("add hook step: %w", err)
+	}
+	return stored, nil
+}
+
+// closeApproval closes approval id of the session without a decision, with
+// note as its decision_message: it no longer asks, its lock-screen
+// capabilities go, and the session no longer waits on it. It reports whether
+// it closed it (false: it was decided or closed first), and returns
+// errNotFound if the session is missing or not userID's.
+func (s *store) closeApproval(ctx context.Context, userID, sessionID, id, note string) (bool, error) {
+	closed := false
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		if _, _, _, err := lockSession(ctx, tx, userID, sessionID); err != nil {
+			return err
+		}
+		res, err := tx.ExecContext(ctx, `
+			UPDATE messages SET requires_user_input = false, decision_message = $4
+			WHERE id = $1 AND user_id = $2 AND agent_instance_id = $3 AND kind = 'approval'
+				AND decision IS NULL AND requires_user_input`, id, userID, sessionID, note)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return nil
+		}
+		closed = true
+		if err := dropCapabilities(ctx, tx, userID, id); err != nil {
+			return err
+		}
+		return stopWaiting(ctx, tx, userID, sessionID)
+	})
+	if err != nil {
+		return false, fmt.Errorf("close approval: %w", err)
+	}
+	return closed, nil
 }

@@ -159,6 +159,8 @@
     $('signout').hidden = true;
     $('notify').hidden = true;
     $('channels-toggle').hidden = true;
+    $('away-box').hidden = true;
+    $('away').checked = false;
     $('channels').hidden = true;
     $('channel-list').replaceChildren();
     $('channel-secret-box').hidden = true;
@@ -176,6 +178,7 @@
     $('signout').hidden = false;
     $('channels-toggle').hidden = false;
     $('signin-error').textContent = '';
+    loadPresence();
     updateNotifyButton();
     render();
     refresh();
@@ -705,6 +708,8 @@
     li.append(head, el('p', 'text', m.content));
     if (m.kind === 'approval' && m.decision) {
       markDecision(li, m.decision, m.decided_by_rule ? 'by the session rule ' + m.decided_by_rule : m.decision_message);
+    } else if (m.kind === 'approval' && !m.requires_user_input && m.decision_message) {
+      li.append(el('p', 'decision', m.decision_message)); // closed without a decision (Claude Code's terminal)
     }
     $('timeline').append(li);
     // Follow new entries only when the person is at the end already: never
@@ -776,7 +781,38 @@
 
   // ---- notification channels ----
 
-  const EVENT_LABELS = { 'question.asked': 'questions', 'message.flagged': 'flagged messages', 'session.ended': 'ended sessions' };
+  const EVENT_LABELS = {
+    'question.asked': 'questions', 'message.flagged': 'flagged messages', 'session.ended': 'ended sessions',
+    'agent.waiting': 'Claude Code waiting', 'agent.idle': 'Claude Code finished its turn',
+  };
+
+  // ---- presence (issue 15) ----
+
+  // loadPresence shows the Away switch as the server has it: while it is
+  // on, Claude Code's permission prompts wait for a decision from here or
+  // the phone; off, they are only recorded.
+  async function loadPresence() {
+    try {
+      const p = await api('GET', '/api/v1/presence');
+      $('away').checked = p.away === true;
+      $('away-box').hidden = false;
+    } catch (e) {
+      $('away-box').hidden = true;
+    }
+  }
+
+  async function setPresence() {
+    const want = $('away').checked;
+    $('away').disabled = true;
+    try {
+      const p = await api('PUT', '/api/v1/presence', { away: want });
+      $('away').checked = p.away === true;
+    } catch (e) {
+      $('away').checked = !want;
+    } finally {
+      $('away').disabled = false;
+    }
+  }
 
   async function loadChannels() {
     try {
@@ -925,6 +961,7 @@
       $('signin-error').textContent = await signIn(key);
     });
     $('signout').addEventListener('click', () => signOut(''));
+    $('away').addEventListener('change', setPresence);
     // Ctrl+Enter (Cmd+Enter on a Mac) in an Answer or Feedback box sends it.
     document.addEventListener('keydown', (e) => {
       if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && e.target instanceof HTMLTextAreaElement && e.target.form) {

@@ -1,0 +1,575 @@
+package main
+
+// Tests of issue 15: Claude Code's hooks at POST /api/v1/hooks/claude-code,
+// the person's Away switch at /api/v1/presence, HOOK_WAIT, and the README's
+// settings block. Payloads are the hook inputs as Claude Code's hooks
+// reference documents them (code.claude.com/docs/en/hooks), one per event.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+const hookPath = "/api/v1/hooks/claude-code"
+
+// hkPermission is a PermissionRequest input as the reference shows it.
+func hkPermission(session, command string) map[string]any {
+	return map[string]any{
+		"session_id":      session,
+		"transcript_path": "/home/me/.claude/projects/p/" + session + ".jsonl",
+		"cwd":             "/home/me/project",
+		"permission_mode": "default",
+		"hook_event_name": "PermissionRequest",
+		"tool_name":       "Bash",
+		"tool_input":      map[string]any{"command": command, "description": "Run " + command},
+		"permission_suggestions": []any{map[string]any{
+			"type": "addRules", "rules": []any{map[string]any{"toolName": "Bash", "ruleContent": command}},
+			"behavior": "allow", "destination": "localSettings"}},
+	}
+}
+
+// hkEvent is any other event's input: the common fields plus extra.
+func hkEvent(session, event string, extra map[string]any) map[string]any {
+	m := map[string]any{
+		"session_id":      session,
+		"transcript_path": "/home/me/.claude/projects/p/" + session + ".jsonl",
+		"cwd":             "/home/me/project",
+		"hook_event_name": event,
+	}
+	for k, v := range extra {
+		m[k] = v
+	}
+	return m
+}
+
+// hkEnv is a test env with an agent key and a person key of one user.
+func hkEnv(t *testing.T, email string, opts ...envOption) (e *testEnv, agent, person string) {
+	t.Helper()
+	e = newTestEnv(t, opts...)
+	return e, e.mustKey(t, email, scopeAgent), e.mustKey(t, email, scopePerson)
+}
+
+// hkQuiet checks, after a moment, that rc got exactly n requests.
+func hkQuiet(t *testing.T, rc *receiver, n int, what string) {
+	t.Helper()
+	time.Sleep(300 * time.Millisecond)
+	if got := rc.count(); got != n {
+		t.Fatalf("%s: %d notifications, want %d", what, got, n)
+	}
+}
+
+// hkResult is a hook call's answer.
+type hkResult struct {
+	code int
+	body string
+	err  error
+}
+
+// hkGo posts a hook input in the background (a PermissionRequest that
+// waits); ctx cancelled is a client that hangs up.
+func hkGo(ctx context.Context, e *testEnv, key string, body any) <-chan hkResult {
+	out := make(chan hkResult, 1)
+	b, _ := json.Marshal(body)
+	go func() {
+		req, _ := http.NewRequestWithContext(ctx, "POST", e.srv.URL+hookPath, bytes.NewReader(b))
+		req.Header.Set("Authorization", "Bearer "+key)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			out <- hkResult{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		rb, _ := io.ReadAll(resp.Body)
+		out <- hkResult{code: resp.StatusCode, body: string(rb)}
+	}()
+	return out
+}
+
+func hkWait(t *testing.T, ch <-chan hkResult, limit time.Duration) hkResult {
+	t.Helper()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		return r
+	case <-time.After(limit):
+		t.Fatalf("no hook answer within %s", limit)
+	}
+	return hkResult{}
+}
+
+// hkOpen returns the id of the session's open approval, waiting for it.
+func hkOpen(t *testing.T, e *testEnv, sid string) string {
+	t.Helper()
+	var id string
+	mcpTEventually(t, "an open approval", func() bool {
+		return e.db.QueryRow(`SELECT id FROM messages WHERE agent_instance_id = $1 AND kind = 'approval'
+			AND decision IS NULL AND requires_user_input ORDER BY seq DESC LIMIT 1`, sid).Scan(&id) == nil
+	})
+	return id
+}
+
+func hkAway(t *testing.T, e *testEnv, person string, away bool) {
+	t.Helper()
+	if code, b := e.call(t, "PUT", "/api/v1/presence", person, map[string]any{"away": away}); code != 200 || string(b) != `{"away":`+map[bool]string{true: "true", false: "false"}[away]+"}\n" {
+		t.Fatalf("presence: %d %s", code, b)
+	}
+}
+
+// The exact answers Claude Code reads.
+const (
+	hkAllow   = `{"hookSpecificOutput":{"hookEventName":"PermissionRequest","decision":{"behavior":"allow"}}}` + "\n"
+	hkNothing = "{}\n"
+)
+
+func hkDeny(msg string) string {
+	b, _ := json.Marshal(msg)
+	return `{"hookSpecificOutput":{"hookEventName":"PermissionRequest","decision":{"behavior":"deny","message":` + string(b) + `}}}` + "\n"
+}
+
+// At the desk (the default) a PermissionRequest is answered {} at once and
+// is in the timeline; nobody is notified.
+func TestHookPermissionAtDesk(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "d@example.com")
+	rc := newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": rc.URL, "events": []string{"question.asked", "agent.waiting", "agent.idle"}})
+	sid := newUUID()
+	start := time.Now()
+	code, b := e.call(t, "POST", hookPath, agent, hkPermission(sid, "rm -rf node_modules"))
+	if code != 200 || string(b) != hkNothing {
+		t.Fatalf("at the desk: %d %q", code, b)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("at the desk took %s", d)
+	}
+	code, b = e.call(t, "GET", "/api/v1/sessions/"+sid+"/messages", person, nil)
+	if code != 200 || !strings.Contains(string(b), `"kind":"approval"`) || !strings.Contains(string(b), `"tool_name":"Bash"`) ||
+		!strings.Contains(string(b), "rm -rf node_modules") || !strings.Contains(string(b), `"agent_type":"claude-code"`) {
+		t.Fatalf("timeline: %d %s", code, b)
+	}
+	var title, status string
+	e.db.QueryRow(`SELECT COALESCE(title, ''), status FROM agent_instances WHERE id = $1`, sid).Scan(&title, &status)
+	if title != "/home/me/project" || status != statusActive {
+		t.Fatalf("session title %q status %s", title, status)
+	}
+	// Nothing open, nothing to answer, nothing sent.
+	if n := mcpTCount(t, e, `SELECT count(*) FROM messages WHERE agent_instance_id = $1 AND requires_user_input`, sid); n != 0 {
+		t.Fatalf("%d open questions at the desk", n)
+	}
+	hkQuiet(t, rc, 0, "at the desk")
+}
+
+// Away: the PermissionRequest is an approval like approve's: same card and
+// notification with lock-screen actions; the answer endpoint's allow and
+// deny become Claude Code's decision byte for byte; an agent key cannot
+// answer.
+func TestHookPermissionAway(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "a@example.com")
+	rc := newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": rc.URL})
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	for i, c := range []struct {
+		answer map[string]any
+		want   string
+	}{
+		{map[string]any{"decision": "allow"}, hkAllow},
+		{map[string]any{"decision": "deny", "message": "not on <Fridays> & never \"prod\""}, hkDeny("not on <Fridays> & never \"prod\"")},
+		{map[string]any{"decision": "deny"}, hkDeny(deniedByPerson)},
+	} {
+		cmd := []string{"git push", "terraform apply", "rm -rf /"}[i]
+		res := hkGo(context.Background(), e, agent, hkPermission(sid, cmd))
+		qid := hkOpen(t, e, sid)
+		code, b := e.call(t, "GET", "/api/v1/sessions", person, nil)
+		if code != 200 || !strings.Contains(string(b), `"open_question":{"id":"`+qid+`"`) || !strings.Contains(string(b), `"kind":"approval"`) {
+			t.Fatalf("card: %s", b)
+		}
+		if i == 0 {
+			// The approval's notification, with Allow and Deny buttons.
+			notifyWaitFor(t, "the approval's notification", 10*time.Second, func() bool { return rc.count() >= 1 })
+			body := string(rc.requests()[0].body)
+			if !strings.Contains(body, `"type":"question.asked"`) || !strings.Contains(body, `"question_id":"`+qid+`"`) || !strings.Contains(body, `"action":"allow"`) {
+				t.Fatalf("notification: %s", body)
+			}
+			if code, _ := apAnswer(t, e, agent, qid, c.answer); code != http.StatusForbidden {
+				t.Fatalf("an agent key answered: %d", code)
+			}
+		}
+		if code, out := apAnswer(t, e, person, qid, c.answer); code != 200 {
+			t.Fatalf("answer: %d %v", code, out)
+		}
+		if r := hkWait(t, res, 10*time.Second); r.code != 200 || r.body != c.want {
+			t.Fatalf("hook answer %d %q, want %q", r.code, r.body, c.want)
+		}
+	}
+}
+
+// HOOK_WAIT passing: {} (Claude Code shows its own prompt) and the approval
+// is closed as answered at the terminal or timed out; it can no longer be
+// answered, and the session no longer waits.
+func TestHookWaitPasses(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t, func(a *app) { a.cfg.hookWait = 300 * time.Millisecond })
+	agent, person := e.mustKey(t, "w@example.com", scopeAgent), e.mustKey(t, "w@example.com", scopePerson)
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	start := time.Now()
+	code, b := e.call(t, "POST", hookPath, agent, hkPermission(sid, "make deploy"))
+	if code != 200 || string(b) != hkNothing || time.Since(start) < 300*time.Millisecond {
+		t.Fatalf("after HOOK_WAIT: %d %q in %s", code, b, time.Since(start))
+	}
+	var qid, note, status string
+	var asks bool
+	e.db.QueryRow(`SELECT m.id, m.requires_user_input, COALESCE(m.decision_message, ''), a.status FROM messages m
+		JOIN agent_instances a ON a.id = m.agent_instance_id WHERE m.agent_instance_id = $1 AND m.kind = 'approval'`, sid).Scan(&qid, &asks, &note, &status)
+	if asks || note != hookClosedNote || status != statusActive {
+		t.Fatalf("not closed: asks %v note %q status %s", asks, note, status)
+	}
+	if code, out := apAnswer(t, e, person, qid, map[string]any{"decision": "allow"}); code != http.StatusConflict || !strings.Contains(out["detail"].(string), hookClosedNote) {
+		t.Fatalf("answering a closed approval: %d %v", code, out)
+	}
+	// The same call again is a new approval, not the closed one.
+	res := hkGo(context.Background(), e, agent, hkPermission(sid, "make deploy"))
+	qid2 := hkOpen(t, e, sid)
+	if qid2 == qid {
+		t.Fatal("a closed approval was resumed")
+	}
+	apAnswer(t, e, person, qid2, map[string]any{"decision": "allow"})
+	if r := hkWait(t, res, 10*time.Second); r.body != hkAllow {
+		t.Fatalf("second: %q", r.body)
+	}
+}
+
+// Allow for this session: a matching second request is allowed at once.
+func TestHookAllowForSession(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "s@example.com")
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	res := hkGo(context.Background(), e, agent, hkPermission(sid, "npm test"))
+	qid := hkOpen(t, e, sid)
+	if code, out := apAnswer(t, e, person, qid, map[string]any{"decision": "allow_session"}); code != 200 || out["rule"] != "Bash(npm)" {
+		t.Fatalf("allow_session: %d %v", code, out)
+	}
+	if r := hkWait(t, res, 10*time.Second); r.body != hkAllow {
+		t.Fatalf("first: %q", r.body)
+	}
+	start := time.Now()
+	code, b := e.call(t, "POST", hookPath, agent, hkPermission(sid, "npm run build"))
+	if code != 200 || string(b) != hkAllow || time.Since(start) > 2*time.Second {
+		t.Fatalf("rule-allowed: %d %q", code, b)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM messages WHERE agent_instance_id = $1 AND decided_by_rule = 'Bash(npm)'`, sid); n != 1 {
+		t.Fatalf("rule-allowed call not in the timeline (%d)", n)
+	}
+}
+
+// A client that hangs up leaves the approval open and answerable; the same
+// request again (same tool_use_id) resumes it.
+func TestHookDisconnectResumes(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "r@example.com")
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	in := hkPermission(sid, "docker system prune")
+	in["tool_use_id"] = "toolu_01ABC123"
+	ctx, cancel := context.WithCancel(context.Background())
+	res := hkGo(ctx, e, agent, in)
+	qid := hkOpen(t, e, sid)
+	cancel()
+	if r := <-res; r.err == nil {
+		t.Fatalf("the cancelled call answered %d %q", r.code, r.body)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := mcpTCount(t, e, `SELECT count(*) FROM messages WHERE id = $1 AND requires_user_input AND decision IS NULL`, qid); n != 1 {
+		t.Fatal("the approval closed when the client hung up")
+	}
+	res = hkGo(context.Background(), e, agent, in)
+	mcpTWaiters(t, e, 1)
+	apAnswer(t, e, person, qid, map[string]any{"decision": "allow"})
+	if r := hkWait(t, res, 10*time.Second); r.body != hkAllow {
+		t.Fatalf("resumed: %q", r.body)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM messages WHERE agent_instance_id = $1 AND kind = 'approval'`, sid); n != 1 {
+		t.Fatalf("%d approvals, want 1", n)
+	}
+}
+
+// Keys, other users, malformed bodies, other events.
+func TestHookAccessAndBadInput(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	agent := e.mustKey(t, "x@example.com", scopeAgent)
+	bob := e.mustKey(t, "bob@example.com", scopeAgent)
+	sid := newUUID()
+	if code, b := e.call(t, "POST", hookPath, bob, hkEvent(sid, "Notification", map[string]any{"message": "hi", "notification_type": "idle_prompt"})); code != 200 {
+		t.Fatalf("bob: %d %s", code, b)
+	}
+	for _, in := range []map[string]any{
+		hkPermission(sid, "ls"),
+		hkEvent(sid, "Notification", map[string]any{"message": "x", "notification_type": "idle_prompt"}),
+		hkEvent(sid, "Stop", nil),
+		hkEvent(sid, "SessionEnd", map[string]any{"reason": "other"}),
+	} {
+		if code, b := e.call(t, "POST", hookPath, agent, in); code != http.StatusNotFound {
+			t.Fatalf("another user's session, %s: %d %s", in["hook_event_name"], code, b)
+		}
+	}
+	if code, _ := e.call(t, "POST", hookPath, "", hkEvent(newUUID(), "Stop", nil)); code != http.StatusUnauthorized {
+		t.Fatalf("no key: %d", code)
+	}
+	noTool := hkPermission(newUUID(), "ls")
+	delete(noTool, "tool_name")
+	strInput, arrInput, noInput := hkPermission(newUUID(), "ls"), hkPermission(newUUID(), "ls"), hkPermission(newUUID(), "ls")
+	strInput["tool_input"], arrInput["tool_input"] = "ls", []any{"ls"}
+	delete(noInput, "tool_input")
+	for name, body := range map[string]any{
+		"not JSON":          "session_id=1",
+		"empty":             "",
+		"an array":          `[{"hook_event_name":"Stop"}]`,
+		"session_id":        hkEvent("abc123", "Stop", nil),
+		"no session_id":     map[string]any{"hook_event_name": "Stop"},
+		"number session_id": map[string]any{"hook_event_name": "Stop", "session_id": 7},
+		"no event":          map[string]any{"session_id": newUUID()},
+		"no tool_name":      noTool,
+		"string tool_input": strInput,
+		"array tool_input":  arrInput,
+		"no tool_input":     noInput,
+	} {
+		code, b := e.call(t, "POST", hookPath, agent, body)
+		if code != http.StatusBadRequest || mustJSON(t, b)["detail"] == "" {
+			t.Errorf("%s: %d %s", name, code, b)
+		}
+	}
+	// Any other event: {} and nothing stored, not even the session.
+	other := newUUID()
+	for _, ev := range []string{"PreToolUse", "PostToolUse", "UserPromptSubmit", "SessionStart", "SomethingNew"} {
+		code, b := e.call(t, "POST", hookPath, agent, hkEvent(other, ev, map[string]any{"tool_name": "Bash", "tool_input": map[string]any{"command": "ls"}}))
+		if code != 200 || string(b) != hkNothing {
+			t.Fatalf("%s: %d %q", ev, code, b)
+		}
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM agent_instances WHERE id = $1`, other); n != 0 {
+		t.Fatal("another event stored a session")
+	}
+	// A cwd is kept as the title, bounded.
+	long := hkEvent(newUUID(), "Stop", nil)
+	long["cwd"] = "/" + strings.Repeat("d", 5000)
+	if code, b := e.call(t, "POST", hookPath, agent, long); code != 200 {
+		t.Fatalf("long cwd: %d %s", code, b)
+	}
+	if n := mcpTCount(t, e, `SELECT length(title) FROM agent_instances WHERE id = $1`, long["session_id"]); n != maxTitleChars {
+		t.Fatalf("title of %d characters, want %d", n, maxTitleChars)
+	}
+}
+
+// A Notification is in the timeline and reaches the person's channels once,
+// as agent.waiting with priority high; a permission_prompt for a session
+// whose approval is open sends nothing more.
+func TestHookNotification(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "n@example.com")
+	rc := newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "ntfy", "url": rc.URL + "/topic"}) // default events
+	sid := newUUID()
+	code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "Notification", map[string]any{
+		"message": "Claude is waiting for your input", "title": "Waiting", "notification_type": "idle_prompt"}))
+	if code != 200 || string(b) != hkNothing {
+		t.Fatalf("notification: %d %q", code, b)
+	}
+	notifyWaitFor(t, "agent.waiting", 10*time.Second, func() bool { return rc.count() >= 1 })
+	r := rc.requests()[0]
+	if r.header.Get("Priority") != "high" || string(r.body) != "Claude is waiting for your input" || !strings.Contains(r.header.Get("Title"), "waiting") {
+		t.Fatalf("agent.waiting: %v %q", r.header, r.body)
+	}
+	code, b = e.call(t, "GET", "/api/v1/sessions/"+sid+"/messages", person, nil)
+	if code != 200 || !strings.Contains(string(b), "Claude is waiting for your input") {
+		t.Fatalf("timeline: %s", b)
+	}
+	// An open approval: its own notification, and no second push.
+	hkAway(t, e, person, true)
+	res := hkGo(context.Background(), e, agent, hkPermission(sid, "git push --force"))
+	qid := hkOpen(t, e, sid)
+	notifyWaitFor(t, "the approval", 10*time.Second, func() bool { return rc.count() >= 2 })
+	code, b = e.call(t, "POST", hookPath, agent, hkEvent(sid, "Notification", map[string]any{
+		"message": "Claude needs your permission to use Bash", "title": "Permission needed", "notification_type": "permission_prompt"}))
+	if code != 200 || string(b) != hkNothing {
+		t.Fatalf("permission_prompt: %d %q", code, b)
+	}
+	hkQuiet(t, rc, 2, "no double push")
+	apAnswer(t, e, person, qid, map[string]any{"decision": "deny"})
+	hkWait(t, res, 10*time.Second)
+	if n := mcpTCount(t, e, `SELECT count(*) FROM notification_events WHERE kind = 'agent.waiting'`); n != 1 {
+		t.Fatalf("%d agent.waiting events, want 1", n)
+	}
+}
+
+// Stop: the session waits for the person, and channels that asked for
+// agent.idle hear of it (only they). SessionEnd: COMPLETED.
+func TestHookStopAndSessionEnd(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "t@example.com")
+	idle, plain := newReceiver(t, nil), newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": idle.URL, "events": []string{"agent.idle"}})
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": plain.URL})
+	sid := newUUID()
+	code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "Stop", map[string]any{"permission_mode": "default", "stop_reason": "end_turn", "stop_hook_active": false}))
+	if code != 200 || string(b) != hkNothing {
+		t.Fatalf("stop: %d %q", code, b)
+	}
+	code, b = e.call(t, "GET", "/api/v1/sessions", person, nil)
+	if code != 200 || !strings.Contains(string(b), `"status":"AWAITING_INPUT"`) {
+		t.Fatalf("after Stop: %s", b)
+	}
+	notifyWaitFor(t, "agent.idle", 10*time.Second, func() bool { return idle.count() >= 1 })
+	if body := string(idle.requests()[0].body); !strings.Contains(body, `"type":"agent.idle"`) || !strings.Contains(body, `"session_id":"`+sid+`"`) {
+		t.Fatalf("agent.idle: %s", body)
+	}
+	code, b = e.call(t, "POST", hookPath, agent, hkEvent(sid, "SessionEnd", map[string]any{"reason": "prompt_input_exit"}))
+	if code != 200 || string(b) != hkNothing {
+		t.Fatalf("session end: %d %q", code, b)
+	}
+	var status string
+	e.db.QueryRow(`SELECT status FROM agent_instances WHERE id = $1`, sid).Scan(&status)
+	if status != statusCompleted {
+		t.Fatalf("after SessionEnd: %s", status)
+	}
+	hkQuiet(t, plain, 0, "a channel that did not ask for agent.idle")
+}
+
+// The Away switch: person keys only, off by default.
+func TestPresence(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "p@example.com")
+	other := e.mustKey(t, "q@example.com", scopePerson)
+	if code, b := e.call(t, "GET", "/api/v1/presence", person, nil); code != 200 || string(b) != `{"away":false}`+"\n" {
+		t.Fatalf("default: %d %s", code, b)
+	}
+	hkAway(t, e, person, true)
+	if code, b := e.call(t, "GET", "/api/v1/presence", person, nil); code != 200 || string(b) != `{"away":true}`+"\n" {
+		t.Fatalf("after PUT: %d %s", code, b)
+	}
+	if code, b := e.call(t, "GET", "/api/v1/presence", other, nil); code != 200 || string(b) != `{"away":false}`+"\n" {
+		t.Fatalf("another user: %d %s", code, b)
+	}
+	for _, m := range []string{"GET", "PUT"} {
+		if code, _ := e.call(t, m, "/api/v1/presence", agent, map[string]any{"away": false}); code != http.StatusForbidden {
+			t.Fatalf("agent key %s: %d", m, code)
+		}
+	}
+	for _, body := range []any{map[string]any{}, map[string]any{"away": "yes"}, "{", map[string]any{"away": nil}} {
+		if code, b := e.call(t, "PUT", "/api/v1/presence", person, body); code != 400 {
+			t.Fatalf("%v: %d %s", body, code, b)
+		}
+	}
+	hkAway(t, e, person, false)
+}
+
+func TestHookWaitConfig(t *testing.T) {
+	env := func(v string) func(string) string {
+		return func(k string) string {
+			if k == "HOOK_WAIT" {
+				return v
+			}
+			return ""
+		}
+	}
+	for v, want := range map[string]time.Duration{"": 280 * time.Second, "90": 90 * time.Second, "2m": 2 * time.Minute} {
+		c, err := loadConfig(env(v))
+		if err != nil || c.hookWait != want {
+			t.Errorf("HOOK_WAIT=%q: %v %v", v, c.hookWait, err)
+		}
+	}
+	for _, v := range []string{"soon", "0", "-5"} {
+		if _, err := loadConfig(env(v)); err == nil || !strings.Contains(err.Error(), "HOOK_WAIT") {
+			t.Errorf("HOOK_WAIT=%q: %v", v, err)
+		}
+	}
+}
+
+// TestHookReadmeSettings: the README's settings block is valid JSON, holds
+// the four events, each an http hook at the endpoint with the documented
+// keys, and a timeout above HOOK_WAIT's default.
+func TestHookReadmeSettings(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "## Claude Code in a terminal: approve from your phone")
+	if !ok {
+		t.Fatal("README has no section \"Claude Code in a terminal: approve from your phone\"")
+	}
+	block := regexp.MustCompile("(?s)```json\n(.*?)```").FindStringSubmatch(section)
+	if block == nil {
+		t.Fatal("no json block in the section")
+	}
+	var settings struct {
+		Hooks map[string][]struct {
+			Matcher *string `json:"matcher"`
+			Hooks   []struct {
+				Type           string            `json:"type"`
+				URL            string            `json:"url"`
+				Timeout        int               `json:"timeout"`
+				Headers        map[string]string `json:"headers"`
+				AllowedEnvVars []string          `json:"allowedEnvVars"`
+			} `json:"hooks"`
+		} `json:"hooks"`
+	}
+	dec := json.NewDecoder(strings.NewReader(block[1]))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&settings); err != nil {
+		t.Fatalf("settings block: %v", err)
+	}
+	for _, ev := range []string{"PermissionRequest", "Notification", "Stop", "SessionEnd"} {
+		groups := settings.Hooks[ev]
+		if len(groups) != 1 || len(groups[0].Hooks) != 1 {
+			t.Fatalf("%s: %d groups", ev, len(groups))
+		}
+		if ev == "Stop" && groups[0].Matcher != nil {
+			t.Errorf("Stop takes no matcher")
+		}
+		h := groups[0].Hooks[0]
+		if h.Type != "http" || !strings.HasSuffix(h.URL, hookPath) || h.Timeout != 300 ||
+			h.Headers["Authorization"] != "Bearer $AGENTLINE_KEY" || len(h.AllowedEnvVars) != 1 || h.AllowedEnvVars[0] != "AGENTLINE_KEY" {
+			t.Errorf("%s: %+v", ev, h)
+		}
+		if time.Duration(h.Timeout)*time.Second <= 280*time.Second {
+			t.Errorf("%s: timeout %d is not above HOOK_WAIT", ev, h.Timeout)
+		}
+	}
+	if len(settings.Hooks) != 4 {
+		t.Errorf("%d events, want 4", len(settings.Hooks))
+	}
+}
+
+// The inbox page carries the Away toggle, wired to /api/v1/presence.
+func TestHookInboxAwayToggle(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for path, want := range map[string]string{
+		"/":       `<input id="away" type="checkbox"> <span>Away<span class="long"> — send approvals to my phone</span>`,
+		"/app.js": `api('PUT', '/api/v1/presence', { away: want })`,
+	} {
+		resp, err := http.Get(e.srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(b), want) {
+			t.Errorf("%s lacks %s", path, want)
+		}
+	}
+}
