@@ -2,7 +2,9 @@
 // server, over Streamable HTTP and over SSE: list the tools, log a step, ask
 // a question answered through REST while it waits, end the session; with a
 // person key also an approval (the approve tool, Claude Code's permission
-// prompt contract) allowed through the answer endpoint while it waits.
+// prompt contract) allowed through the answer endpoint while it waits. Over
+// Streamable HTTP it also prints the negotiated protocol revision and
+// cancels a waiting call ("streamable: cancel sent").
 // Usage: node check.mjs BASE_URL AGENT_KEY [PERSON_KEY]   (exits non-zero on any failure)
 import assert from "node:assert/strict";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
@@ -39,6 +41,20 @@ for (const kind of ["streamable", "sse"]) {
   assert.equal(ans.isError ?? false, false, JSON.stringify(ans));
   assert.equal(ans.structuredContent.status, "answered");
   assert.equal(ans.structuredContent.answer, "yes, go ahead");
+
+  if (kind === "streamable") {
+    // Cancelling a waiting call: the SDK rejects the promise and POSTs
+    // notifications/cancelled, keeping the call's own connection open. The
+    // Go test checks, while this waits, that the server's waiting call ended.
+    console.log(`streamable: protocol ${transport.protocolVersion}`);
+    const ac = new AbortController();
+    const pending = client.callTool({ name: "ask_question", arguments: { agent_instance_id: sid, question_text: "Cancel me?" } }, undefined, { signal: ac.signal });
+    await new Promise((res) => setTimeout(res, 500));
+    ac.abort();
+    await assert.rejects(pending);
+    console.log("streamable: cancel sent");
+    await new Promise((res) => setTimeout(res, 3000));
+  }
 
   if (personKey) {
     // The person allows the approval once it is the session's open question.
