@@ -173,3 +173,41 @@ func TestMCPCancelNotification(t *testing.T) {
 		t.Fatalf("feedback %q", fb)
 	}
 }
+
+// TestMCPQuickCallsAnswerJSON: on 2026-07-28 a call that cannot wait is
+// answered with one JSON body, a call that may wait with an event stream;
+// a Mcp-Name header that lies about the body is refused.
+func TestMCPQuickCallsAnswerJSON(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	key := e.mustKey(t, "quick@example.com", scopeAgent)
+	post := func(name, args string, header string) (int, string, string) {
+		t.Helper()
+		body := fmt.Sprintf(`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":%q,"arguments":%s,"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"raw","version":"1"},"io.modelcontextprotocol/clientCapabilities":{}}}}`, name, args)
+		req, _ := http.NewRequest("POST", e.srv.URL+"/mcp/", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+key)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept", "application/json, text/event-stream")
+		req.Header.Set("Mcp-Protocol-Version", "2026-07-28")
+		req.Header.Set("Mcp-Method", "tools/call")
+		req.Header.Set("Mcp-Name", header)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return res.StatusCode, res.Header.Get("Content-Type"), string(b)
+	}
+	code, ctype, body := post("log_step", `{"step_description":"quick"}`, "log_step")
+	if code != 200 || ctype != "application/json" || !strings.Contains(body, `"step_number":1`) {
+		t.Fatalf("log_step: %d %q %s", code, ctype, body)
+	}
+	code, ctype, body = post("ask_question", `{"agent_instance_id":"not-a-uuid","question_text":"?"}`, "ask_question")
+	if code != 200 || ctype != "text/event-stream" {
+		t.Fatalf("ask_question: %d %q %s", code, ctype, body)
+	}
+	if code, _, body = post("ask_question", `{"agent_instance_id":"not-a-uuid","question_text":"?"}`, "log_step"); code < 400 || code > 499 {
+		t.Fatalf("a lying Mcp-Name header: %d %s", code, body)
+	}
+}
