@@ -138,8 +138,9 @@ func (c *rawMCP) call(id int, tool, args string) <-chan string {
 
 // TestMCPCancelNotification: on 2025-11-25 a client may cancel a waiting
 // call with notifications/cancelled on a POST of its own, keeping the
-// call's connection open. The cancellation reaches that call, and only it:
-// another client of the same key using the same request id cancels nothing.
+// call's connection open. The cancellation reaches that call, and only it,
+// through another replica too: another client of the same key using the
+// same request id cancels nothing.
 func TestMCPCancelNotification(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
@@ -158,6 +159,9 @@ func TestMCPCancelNotification(t *testing.T) {
 	if n := e.a.hub.waiters(); n != 1 {
 		t.Fatalf("another client's cancellation ended the call: %d waiters", n)
 	}
+	// The cancellation may reach another replica than the call's.
+	other := newTestEnvOn(t, e.dsn, e.signer)
+	a.url = other.srv.URL + "/mcp/"
 	a.notify(`{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":7,"reason":"user"}}`)
 	mcpTWaiters(t, e, 0)
 	select {
