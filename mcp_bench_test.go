@@ -1,9 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -34,6 +38,41 @@ func BenchmarkMCPLogStep(b *testing.B) {
 				Arguments: map[string]any{"agent_instance_id": sessions[i], "step_description": "ran the tests"}})
 			if err == nil && res.IsError {
 				err = fmt.Errorf("tool error: %s", mcpTText(res))
+			}
+			return err
+		})
+	})
+	// "http": the same calls as the bytes Claude Code sends (MCP 2026-07-28:
+	// one POST a call, no session) from a plain HTTP client, as light as the
+	// REST benchmark's: the server's own cost, without the go-sdk client's
+	// share of the two cores.
+	b.Run("http", func(b *testing.B) {
+		e := mcpTBenchEnv(b)
+		key := e.mustKey(b, "bench@example.com", scopeAgent)
+		c := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: mcpTBenchClients}}
+		sessions := make([]string, mcpTBenchClients)
+		for i := range sessions {
+			sessions[i] = mcpTNewSession(b, mcpTConnect(b, e, mcpTStreamable, key, mcpTDial{ua: "claude-code/1.0"}))
+		}
+		mcpTRunParallel(b, func(i int) error {
+			body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"log_step","arguments":{"agent_instance_id":"` + sessions[i] +
+				`","step_description":"ran the tests"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"claude-code","version":"2.1.332"},"io.modelcontextprotocol/clientCapabilities":{}}}}`
+			req, _ := http.NewRequest("POST", e.srv.URL+"/mcp/", strings.NewReader(body))
+			req.Header.Set("Authorization", "Bearer "+key)
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Accept", "application/json, text/event-stream")
+			req.Header.Set("User-Agent", "claude-code/2.1.332 (sdk-cli)")
+			req.Header.Set("Mcp-Protocol-Version", "2026-07-28")
+			req.Header.Set("Mcp-Method", "tools/call")
+			req.Header.Set("Mcp-Name", "log_step")
+			res, err := c.Do(req)
+			if err != nil {
+				return err
+			}
+			defer res.Body.Close()
+			out, err := io.ReadAll(res.Body)
+			if err == nil && (res.StatusCode != http.StatusOK || !bytes.Contains(out, []byte(`"success":true`))) {
+				err = fmt.Errorf("log_step: %d %s", res.StatusCode, out)
 			}
 			return err
 		})
