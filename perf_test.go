@@ -1024,15 +1024,22 @@ func perfHoldWaiters(t *testing.T, bin string, mix perfWaiterMix) perfWaiterRepo
 	quiet := time.Now()
 	perfWaitQuiet(t, probe, dbname, 2*time.Second, 3*time.Minute)
 	time.Sleep(time.Until(quiet.Add(17 * time.Second)))
-	x0, req0, w0 := perfXacts(t, probe, dbname), started.Load(), time.Now()
+	// Statistics arrive up to a second or so after the work: the requests
+	// are counted over the window moved that much earlier.
+	const statsLag = 2 * time.Second
+	req0 := started.Load()
+	time.Sleep(statsLag)
+	x0, w0 := perfXacts(t, probe, dbname), time.Now()
 	time.Sleep(time.Until(quiet.Add(47 * time.Second)))
 	r.rssDuring = srv.rss(t)
 	r.conns, r.busy = perfConnsOf(t, probe, dbname)
 	if fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", srv.cmd.Process.Pid)); err == nil {
 		r.fds = len(fds)
 	}
+	time.Sleep(time.Until(w0.Add(time.Minute - statsLag)))
+	r.requests = started.Load() - req0
 	time.Sleep(time.Until(w0.Add(time.Minute)))
-	r.xacts, r.requests, r.window = perfXacts(t, probe, dbname)-x0, started.Load()-req0, time.Since(w0).Round(time.Second)
+	r.xacts, r.window = perfXacts(t, probe, dbname)-x0, time.Since(w0).Round(time.Second)
 	r.perWaiterKiB = float64(r.rssDuring-r.rssBefore) / 1024 / float64(n)
 	select {
 	case m := <-got:
