@@ -25,6 +25,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -275,6 +276,7 @@ type verifier struct {
 
 	parserOnce sync.Once
 	parser     *jwt.Parser
+	touched    sync.Map // key id → *atomic.Int64: when this replica last wrote its last_used_at (claimTouch)
 }
 
 // jwtParser is the token parser, built once from the configured keys.
@@ -377,12 +379,23 @@ func (v *verifier) registered(ctx context.Context, token, userID string, now tim
 	}
 	// At most one write a minute per key: a busy key must not turn every
 	// request into a write (touchAPIKey's SQL holds the same rule).
-	if !k.LastUsedAt.Valid || now.Sub(k.LastUsedAt.Time) > time.Minute {
+	if (!k.LastUsedAt.Valid || now.Sub(k.LastUsedAt.Time) > time.Minute) && v.claimTouch(k.ID, now) {
 		if err := v.store.touchAPIKey(ctx, k.ID); err != nil {
 			v.log.Warn("touch api key", "key_id", k.ID, "err", err)
 		}
 	}
 	return caller{UserID: userID, KeyID: k.ID, Scope: k.Scope, Expires: k.ExpiresAt.Time}, nil
+}
+
+// claimTouch reports whether this request is the one, on this replica, to
+// record that the key was used: every request of a burst reads the key's
+// row as "not used for a minute" until the first write commits, and each
+// would write.
+func (v *verifier) claimTouch(keyID string, now time.Time) bool {
+	last, _ := v.touched.LoadOrStore(keyID, new(atomic.Int64))
+	t := last.(*atomic.Int64)
+	prev := t.Load()
+	return now.UnixNano()-prev > int64(time.Minute) && t.CompareAndSwap(prev, now.UnixNano())
 }
 
 // ---- middleware ----

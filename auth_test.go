@@ -734,6 +734,7 @@ func TestAuthLastUsed(t *testing.T) {
 	if _, err := e.db.Exec(`UPDATE api_keys SET last_used_at = now() - interval '2 minutes' WHERE api_key_hash = $1`, hashToken(key)); err != nil {
 		t.Fatal(err)
 	}
+	e.a.verifier.touched.Clear() // this replica's own minute has passed too
 	old := lastUsed()
 	authAgentMessage(t, e, key)
 	if third := lastUsed(); !third.Time.After(old.Time) {
@@ -1015,4 +1016,34 @@ func FuzzAuthVerify(f *testing.F) {
 			t.Fatalf("requireKey on %q: %d %q %s", token, w.Code, w.Header().Get("WWW-Authenticate"), w.Body.Bytes())
 		}
 	})
+}
+
+// TestClaimTouch: a burst of requests with a key unused for a minute writes
+// its last_used_at once per replica, not once per request; a minute later,
+// once again.
+func TestClaimTouch(t *testing.T) {
+	t.Parallel()
+	v := &verifier{}
+	now := time.Now()
+	var wg sync.WaitGroup
+	var claimed atomic.Int64
+	for range 100 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if v.claimTouch("key-1", now) {
+				claimed.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := claimed.Load(); n != 1 {
+		t.Fatalf("%d of 100 concurrent requests would write last_used_at, want 1", n)
+	}
+	if v.claimTouch("key-1", now.Add(59*time.Second)) {
+		t.Fatal("written again within the minute")
+	}
+	if !v.claimTouch("key-1", now.Add(61*time.Second)) || !v.claimTouch("key-2", now) {
+		t.Fatal("not written after a minute, or for another key")
+	}
 }
