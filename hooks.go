@@ -101,7 +101,8 @@ func (a *app) handleClaudeCodeHook() http.HandlerFunc {
 // existed. Away, it is an approval: answered with the person's decision, or
 // {} once HOOK_WAIT passes (the approval is then closed, and the person
 // answers at the terminal). A client that hangs up leaves the approval open;
-// the same request again resumes it.
+// the same request again resumes it while it is open (a decided one is
+// never reused: Claude Code sends no tool_use_id, so it asks again).
 func (a *app) hookPermission(r *http.Request, c caller, sid string, in hookInput) (any, error) {
 	ctx := r.Context()
 	if in.ToolName == nil {
@@ -115,7 +116,7 @@ func (a *app) hookPermission(r *http.Request, c caller, sid string, in hookInput
 		return nil, err
 	}
 	req := approvalRequest{SessionID: sid, ToolName: tool, Input: input, ToolUseID: cleanText(in.ToolUseID),
-		Content: approvalContent(tool, input), Rule: ruleFor(tool, input)}
+		Content: approvalContent(tool, input), Rule: ruleFor(tool, input), ResumeOpenOnly: true}
 	away, err := a.store.presence(ctx, c.UserID)
 	if err != nil {
 		return nil, err

@@ -573,3 +573,41 @@ func TestHookInboxAwayToggle(t *testing.T) {
 		}
 	}
 }
+
+// Review item 1: Claude Code's PermissionRequest has no tool_use_id, and
+// the hook never sees tool calls that need no permission, so an allow or a
+// deny once is never the answer to the same request again: it asks again.
+func TestHookDecisionNotReused(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "once@example.com")
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	var ids []string
+	for i, c := range []struct {
+		answer string
+		want   string
+	}{{"allow", hkAllow}, {"deny", hkDeny(deniedByPerson)}, {"allow", hkAllow}} {
+		res := hkGo(context.Background(), e, agent, hkPermission(sid, "npm test"))
+		select {
+		case r := <-res:
+			t.Fatalf("request %d was answered at once without asking: %d %q", i, r.code, r.body)
+		case <-time.After(500 * time.Millisecond):
+		}
+		qid := hkOpen(t, e, sid)
+		for _, old := range ids {
+			if qid == old {
+				t.Fatalf("request %d resumed approval %s", i, old)
+			}
+		}
+		ids = append(ids, qid)
+		if code, out := apAnswer(t, e, person, qid, map[string]any{"decision": c.answer}); code != 200 {
+			t.Fatalf("answer %d: %d %v", i, code, out)
+		}
+		if r := hkWait(t, res, 10*time.Second); r.code != 200 || r.body != c.want {
+			t.Fatalf("request %d: %d %q, want %q", i, r.code, r.body, c.want)
+		}
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM messages WHERE agent_instance_id = $1 AND kind = 'approval'`, sid); n != 3 {
+		t.Fatalf("%d approvals, want 3", n)
+	}
+}

@@ -1547,6 +1547,11 @@ type approvalRequest struct {
 	ToolUseID string
 	Content   string // what the timeline and the notification show
 	Rule      sessionRule
+	// ResumeOpenOnly: without a tool_use_id, resume only an undecided
+	// approval, never a decided one (a PermissionRequest hook: Claude Code
+	// sends no tool_use_id and the hook never sees the calls in between, so
+	// the same request again is a new question).
+	ResumeOpenOnly bool
 }
 
 // approval is where an approval stands.
@@ -1582,8 +1587,9 @@ func (s *store) latestActiveSession(ctx context.Context, userID, agentType strin
 
 // askApproval stores an approval in the session, or resumes one: the
 // session's approval with the same tool_use_id, or (without one) an
-// undecided approval of the same tool and input, or a decided one that is
-// still the session's latest agent message. A call that matches a session
+// undecided approval of the same tool and input, or (unless
+// in.ResumeOpenOnly) a decided one that is still the session's latest agent
+// message. A call that matches a session
 // rule is stored already allowed by it, without asking or notifying. It
 // returns errNotFound if the session is not userID's (or is missing and may
 // not be created).
@@ -1609,11 +1615,11 @@ func (s *store) askApproval(ctx context.Context, userID string, in approvalReque
 				AND (m.decision IS NOT NULL OR m.requires_user_input) -- never a closed one (issue 15)
 				AND CASE WHEN $3 <> '' THEN m.tool_use_id = $3
 					ELSE m.tool_use_id IS NULL AND m.tool_name = $4 AND m.tool_input = $5::jsonb
-						AND (m.decision IS NULL OR m.seq = (SELECT max(seq) FROM messages
-							WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'AGENT'))
+						AND (m.decision IS NULL OR (NOT $7 AND m.seq = (SELECT max(seq) FROM messages
+							WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'AGENT')))
 					END
 			ORDER BY m.seq DESC LIMIT 1`,
-			in.SessionID, userID, in.ToolUseID, in.ToolName, string(in.Input), timeout.Seconds(),
+			in.SessionID, userID, in.ToolUseID, in.ToolName, string(in.Input), timeout.Seconds(), in.ResumeOpenOnly,
 		).Scan(&ap.ID, &decision, &msg, &rule, &left)
 		if err == nil {
 			ap.Resumed, ap.Left = true, time.Duration(left*float64(time.Second))
