@@ -87,7 +87,7 @@ func (a *app) handleClaudeCodeHook() http.HandlerFunc {
 		case "Stop":
 			return a.recordHookStep(r, c, sid, in, stopStep(sid, in))
 		case "SessionEnd":
-			if err := a.store.openHookSession(r.Context(), c.UserID, sid, in.Cwd); err != nil {
+			if err := a.store.openHookSession(r.Context(), c.UserID, sid, in.Cwd, false); err != nil {
 				return nil, err
 			}
 			return hookOutput{}, a.store.endSession(r.Context(), c.UserID, sid)
@@ -112,7 +112,7 @@ func (a *app) hookPermission(r *http.Request, c caller, sid string, in hookInput
 	if err != nil {
 		return nil, err
 	}
-	if err := a.store.openHookSession(ctx, c.UserID, sid, in.Cwd); err != nil {
+	if err := a.store.openHookSession(ctx, c.UserID, sid, in.Cwd, true); err != nil {
 		return nil, err
 	}
 	req := approvalRequest{SessionID: sid, ToolName: tool, Input: input, ToolUseID: cleanText(in.ToolUseID),
@@ -165,7 +165,7 @@ func permissionOutput(ap approval) hookOutput {
 // recordHookStep stores a Notification's or Stop's step in the session (created
 // on first sight) and answers {}.
 func (a *app) recordHookStep(r *http.Request, c caller, sid string, in hookInput, step hookStep) (any, error) {
-	if err := a.store.openHookSession(r.Context(), c.UserID, sid, in.Cwd); err != nil {
+	if err := a.store.openHookSession(r.Context(), c.UserID, sid, in.Cwd, true); err != nil {
 		return nil, err
 	}
 	_, err := a.store.addHookStep(r.Context(), c.UserID, step)

@@ -611,3 +611,56 @@ func TestHookDecisionNotReused(t *testing.T) {
 		t.Fatalf("%d approvals, want 3", n)
 	}
 }
+
+// Review item 2: `claude --resume` keeps the session id, so any event after
+// SessionEnd but a SessionEnd reopens the session: Stop marks it waiting
+// again, and an away PermissionRequest is an approval the person can
+// answer, not one that ended at once.
+func TestHookResumedSession(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "resume@example.com")
+	sid := newUUID()
+	status := func() (s string, ended bool) {
+		t.Helper()
+		if err := e.db.QueryRow(`SELECT status, ended_at IS NOT NULL FROM agent_instances WHERE id = $1`, sid).Scan(&s, &ended); err != nil {
+			t.Fatal(err)
+		}
+		return s, ended
+	}
+	for _, in := range []map[string]any{hkEvent(sid, "Stop", nil), hkEvent(sid, "SessionEnd", map[string]any{"reason": "prompt_input_exit"})} {
+		if code, b := e.call(t, "POST", hookPath, agent, in); code != 200 || string(b) != hkNothing {
+			t.Fatalf("%s: %d %q", in["hook_event_name"], code, b)
+		}
+	}
+	if s, ended := status(); s != statusCompleted || !ended {
+		t.Fatalf("after SessionEnd: %s ended %v", s, ended)
+	}
+	// A SessionEnd again keeps it ended.
+	if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "SessionEnd", map[string]any{"reason": "other"})); code != 200 || string(b) != hkNothing {
+		t.Fatalf("SessionEnd again: %d %q", code, b)
+	}
+	if s, _ := status(); s != statusCompleted {
+		t.Fatalf("after a second SessionEnd: %s", s)
+	}
+	// Resumed: Stop shows it waiting for the person.
+	if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "Stop", nil)); code != 200 || string(b) != hkNothing {
+		t.Fatalf("Stop after resume: %d %q", code, b)
+	}
+	if s, ended := status(); s != statusAwaitingInput || ended {
+		t.Fatalf("Stop after resume: %s ended %v", s, ended)
+	}
+	// Ended again, then resumed by a PermissionRequest while away.
+	e.call(t, "POST", hookPath, agent, hkEvent(sid, "SessionEnd", map[string]any{"reason": "other"}))
+	hkAway(t, e, person, true)
+	res := hkGo(context.Background(), e, agent, hkPermission(sid, "ls -la"))
+	qid := hkOpen(t, e, sid)
+	if code, out := apAnswer(t, e, person, qid, map[string]any{"decision": "allow"}); code != 200 {
+		t.Fatalf("answer: %d %v", code, out)
+	}
+	if r := hkWait(t, res, 10*time.Second); r.code != 200 || r.body != hkAllow {
+		t.Fatalf("resumed session's approval: %d %q", r.code, r.body)
+	}
+	if s, ended := status(); s != statusActive || ended {
+		t.Fatalf("after the approval: %s ended %v", s, ended)
+	}
+}

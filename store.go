@@ -2126,9 +2126,11 @@ func (s *store) setPresence(ctx context.Context, userID string, away bool) error
 
 // openHookSession makes sure Claude Code's session is userID's agentline
 // session: created on first sight with agent type claude-code and title as
-// its title (a title already kept stays). It returns errNotFound when the
-// id is another user's session.
-func (s *store) openHookSession(ctx context.Context, userID, sessionID, title string) error {
+// its title (a title already kept stays). With reopen, a COMPLETED session
+// is ACTIVE again (`claude --resume` keeps the session id: any event but
+// SessionEnd means it runs). It returns errNotFound when the id is another
+// user's session.
+func (s *store) openHookSession(ctx context.Context, userID, sessionID, title string, reopen bool) error {
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		if _, err := lockOrCreateSession(ctx, tx, userID, sessionID, hookAgentType); err != nil {
 			return err
@@ -2136,7 +2138,19 @@ func (s *store) openHookSession(ctx context.Context, userID, sessionID, title st
 		_, err := tx.ExecContext(ctx, `
 			UPDATE agent_instances SET title = $3
 			WHERE id = $1 AND user_id = $2 AND title IS NULL AND $3 <> ''`, sessionID, userID, cutChars(cleanText(title), maxTitleChars))
-		return err
+		if err != nil || !reopen {
+			return err
+		}
+		res, err := tx.ExecContext(ctx, `
+			UPDATE agent_instances SET status = 'ACTIVE', ended_at = NULL, last_activity_at = now()
+			WHERE id = $1 AND user_id = $2 AND status = 'COMPLETED'`, sessionID, userID)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return nil
+		}
+		return notifySession(ctx, tx, userID, sessionID)
 	})
 	if err != nil {
 		return fmt.Errorf("open hook session: %w", err)
