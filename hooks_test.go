@@ -664,3 +664,38 @@ func TestHookResumedSession(t *testing.T) {
 		t.Fatalf("after the approval: %s ended %v", s, ended)
 	}
 }
+
+// Review item 3: a tool_input that is valid JSON is never a 500: a NUL in a
+// string or a key (PostgreSQL's jsonb has none) is stored as U+FFFD, and a
+// number beyond float64's range (PostgreSQL's numeric rejects it) is a 400,
+// at the desk and away.
+func TestHookOddToolInput(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "odd@example.com", func(a *app) { a.cfg.hookWait = 300 * time.Millisecond })
+	for _, away := range []bool{false, true} {
+		hkAway(t, e, person, away)
+		sid := newUUID()
+		nul := hkPermission(sid, "ls")
+		nul["tool_input"] = map[string]any{"content": "a\x00b", "k\x00": []any{"\x00"}}
+		if code, b := e.call(t, "POST", hookPath, agent, nul); code != 200 || string(b) != hkNothing {
+			t.Fatalf("away %v, NUL: %d %s", away, code, b)
+		}
+		var stored string
+		e.db.QueryRow(`SELECT tool_input::text FROM messages WHERE agent_instance_id = $1 AND kind = 'approval'`, sid).Scan(&stored)
+		if stored != `{"k`+"\uFFFD"+`": ["`+"\uFFFD"+`"], "content": "a`+"\uFFFD"+`b"}` { // jsonb orders keys by length
+			t.Fatalf("away %v, NUL stored as %q", away, stored)
+		}
+		for _, n := range []string{"1e999999", "-1e400", `[1, {"x": 2e308}]`, "1e-2000", "1." + strings.Repeat("0", 20000)} {
+			body := `{"session_id":"` + newUUID() + `","hook_event_name":"PermissionRequest","tool_name":"Bash","tool_input":{"n":` + n + `}}`
+			code, b := e.call(t, "POST", hookPath, agent, body)
+			if code != http.StatusBadRequest || !strings.Contains(mustJSON(t, b)["detail"].(string), "tool_input") {
+				t.Fatalf("away %v, %s: %d %s", away, n, code, b)
+			}
+		}
+		// A number PostgreSQL can hold is kept as written.
+		body := `{"session_id":"` + sid + `","hook_event_name":"PermissionRequest","tool_name":"Bash","tool_input":{"n":1e300,"m":0.000000000000000000001}}`
+		if code, b := e.call(t, "POST", hookPath, agent, body); code != 200 || string(b) != hkNothing {
+			t.Fatalf("away %v, big number: %d %s", away, code, b)
+		}
+	}
+}
