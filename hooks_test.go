@@ -699,3 +699,25 @@ func TestHookOddToolInput(t *testing.T) {
 		}
 	}
 }
+
+// Review item 7: an event agentline ignores is answered {} whatever its
+// fields hold, and a field of another event is never read.
+func TestHookIgnoredFields(t *testing.T) {
+	t.Parallel()
+	e, agent, _ := hkEnv(t, "ign@example.com")
+	sid := newUUID()
+	for name, body := range map[string]any{
+		"SessionStart, id not a UUID":   map[string]any{"hook_event_name": "SessionStart", "session_id": "x", "source": "startup"},
+		"PreToolUse, no session_id":     map[string]any{"hook_event_name": "PreToolUse", "tool_use_id": 5, "tool_input": "ls"},
+		"PostToolUse, odd types":        hkEvent(newUUID(), "PostToolUse", map[string]any{"tool_use_id": 7, "message": []any{1}, "title": false, "cwd": 3}),
+		"UserPromptSubmit, number id":   map[string]any{"hook_event_name": "UserPromptSubmit", "session_id": 12, "prompt": "hi"},
+		"Stop, another event's fields":  hkEvent(sid, "Stop", map[string]any{"tool_use_id": 9, "message": 1, "title": []any{}, "notification_type": 3, "tool_name": 4}),
+		"Notification, others' fields":  hkEvent(sid, "Notification", map[string]any{"message": "hi", "tool_use_id": 9, "tool_input": "x", "last_assistant_message": 2}),
+		"SessionEnd, others' fields":    hkEvent(sid, "SessionEnd", map[string]any{"reason": "other", "message": 1, "tool_use_id": false}),
+		"PermissionRequest, odd others": func() map[string]any { m := hkPermission(sid, "ls"); m["message"], m["title"] = 1, 2; return m }(),
+	} {
+		if code, b := e.call(t, "POST", hookPath, agent, body); code != 200 || string(b) != hkNothing {
+			t.Errorf("%s: %d %s", name, code, b)
+		}
+	}
+}
