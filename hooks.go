@@ -15,9 +15,13 @@ import (
 	"encoding/json"
 	"net/http"
 	"strings"
+	"time"
 )
 
 const (
+	// maxHookWait bounds HOOK_WAIT: below the PermissionRequest hook's
+	// 300 s timeout, with time to answer.
+	maxHookWait = 290 * time.Second
 	// hookAgentType is the agent type of a session a hook creates.
 	hookAgentType = "claude-code"
 	// hookClosedNote closes an approval nobody decided within HOOK_WAIT:
@@ -137,10 +141,7 @@ func (a *app) handleClaudeCodeHook() http.HandlerFunc {
 			if err != nil {
 				return nil, err
 			}
-			if err := a.store.openHookSession(r.Context(), c.UserID, sid, e.Cwd, false); err != nil {
-				return nil, err
-			}
-			return hookOutput{}, a.store.endSession(r.Context(), c.UserID, sid)
+			return hookOutput{}, a.store.endHookSession(r.Context(), c.UserID, sid)
 		}
 		return hookOutput{}, nil // any other event: nothing stored
 	})
@@ -225,16 +226,26 @@ func (a *app) recordHookStep(r *http.Request, c caller, cwd string, step hookSte
 // maxHookText bounds the text a hook stores.
 const maxHookText = 4000
 
-// notificationStep is a Notification: the session waits for the person,
-// who hears of it as agent.waiting; a permission_prompt while the session's
-// approval is open adds nothing (the approval already asks).
+// waitingNotifications are the notification types that wait for the
+// person ("" too: older Claude Code sends no type).
+var waitingNotifications = map[string]bool{"permission_prompt": true, "idle_prompt": true, "elicitation_dialog": true, "": true}
+
+// notificationStep is a Notification. One that waits for the person
+// (waitingNotifications) marks the session waiting, and the person hears of
+// it as agent.waiting; a permission_prompt while the session's approval is
+// open adds nothing (the approval already asks). Any other type
+// (auth_success, …) is a timeline step only.
 func (a *app) notificationStep(sid string, in hookNotificationInput) hookStep {
 	text := strings.TrimSpace(cleanText(in.Message))
 	if text == "" {
 		text = cmp.Or(strings.TrimSpace(cleanText(in.Title)), "Claude is waiting for you")
 	}
-	return hookStep{SessionID: sid, Content: cutChars(text, maxHookText), Event: eventAgentWaiting, Waiting: true,
-		QuietWhenApprovalOpen: in.NotificationType == "permission_prompt", Timeout: a.cfg.questionTimeout}
+	step := hookStep{SessionID: sid, Content: cutChars(text, maxHookText)}
+	if waitingNotifications[in.NotificationType] {
+		step.Event, step.Waiting = eventAgentWaiting, true
+		step.QuietWhenApprovalOpen, step.Timeout = in.NotificationType == "permission_prompt", a.cfg.questionTimeout
+	}
+	return step
 }
 
 // stopStep is a Stop: Claude finished its turn and waits for the person;

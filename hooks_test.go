@@ -492,7 +492,12 @@ func TestHookWaitConfig(t *testing.T) {
 			t.Errorf("HOOK_WAIT=%q: %v %v", v, c.hookWait, err)
 		}
 	}
-	for _, v := range []string{"soon", "0", "-5"} {
+	// At or near the PermissionRequest hook's 300 s timeout Claude Code
+	// would give up first (review, minor): over 290 s is refused.
+	if c, err := loadConfig(env("290s")); err != nil || c.hookWait != 290*time.Second {
+		t.Errorf("HOOK_WAIT=290s: %v %v", c.hookWait, err)
+	}
+	for _, v := range []string{"soon", "0", "-5", "291s", "300", "5m"} {
 		if _, err := loadConfig(env(v)); err == nil || !strings.Contains(err.Error(), "HOOK_WAIT") {
 			t.Errorf("HOOK_WAIT=%q: %v", v, err)
 		}
@@ -727,5 +732,71 @@ func TestHookIgnoredFields(t *testing.T) {
 		if code, b := e.call(t, "POST", hookPath, agent, body); code != 200 || string(b) != hkNothing {
 			t.Errorf("%s: %d %s", name, code, b)
 		}
+	}
+}
+
+// Review, minor: only the notification types that wait for the person
+// (permission_prompt, idle_prompt, elicitation_dialog, or none given, as
+// older Claude Code sends) are agent.waiting; others, auth_success among
+// them, are a timeline step only: no push, the session not waiting.
+func TestHookNotificationTypes(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "types@example.com")
+	rc := newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": rc.URL, "events": []string{"agent.waiting"}})
+	sid := newUUID()
+	for _, c := range []struct {
+		typ     string
+		waiting bool
+	}{{"auth_success", false}, {"something_new", false}, {"elicitation_dialog", true}, {"", true}} {
+		extra := map[string]any{"message": "note " + c.typ}
+		if c.typ != "" {
+			extra["notification_type"] = c.typ
+		}
+		before := mcpTCount(t, e, `SELECT count(*) FROM notification_events WHERE kind = 'agent.waiting'`)
+		if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "Notification", extra)); code != 200 || string(b) != hkNothing {
+			t.Fatalf("%q: %d %s", c.typ, code, b)
+		}
+		code, b := e.call(t, "GET", "/api/v1/sessions/"+sid+"/messages", person, nil)
+		if code != 200 || !strings.Contains(string(b), "note "+c.typ) {
+			t.Fatalf("%q not in the timeline: %s", c.typ, b)
+		}
+		sent := mcpTCount(t, e, `SELECT count(*) FROM notification_events WHERE kind = 'agent.waiting'`) - before
+		var status string
+		e.db.QueryRow(`SELECT status FROM agent_instances WHERE id = $1`, sid).Scan(&status)
+		if (sent == 1) != c.waiting || sent > 1 || (status == statusAwaitingInput) != c.waiting {
+			t.Fatalf("%q: %d agent.waiting, status %s; want waiting %v", c.typ, sent, status, c.waiting)
+		}
+		// The person answers: the session no longer waits.
+		if c.waiting {
+			mcpTAnswer(t, e, person, sid, "ok")
+		}
+	}
+}
+
+// Review, minor: a SessionEnd for a session agentline never saw creates
+// nothing and sends nothing; another user's session is still a 404.
+func TestHookSessionEndUnseen(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "unseen@example.com")
+	rc := newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": rc.URL, "events": []string{"session.ended"}})
+	sid := newUUID()
+	if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "SessionEnd", map[string]any{"reason": "clear"})); code != 200 || string(b) != hkNothing {
+		t.Fatalf("unseen SessionEnd: %d %s", code, b)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM agent_instances WHERE id = $1`, sid); n != 0 {
+		t.Fatal("SessionEnd created the session")
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM notification_events`); n != 0 {
+		t.Fatalf("%d notification events", n)
+	}
+	hkQuiet(t, rc, 0, "an unseen session's end")
+	bob := e.mustKey(t, "bob@example.com", scopeAgent)
+	if code, b := e.call(t, "POST", hookPath, bob, hkEvent(sid, "Stop", nil)); code != 200 {
+		t.Fatalf("bob: %d %s", code, b)
+	}
+	if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "SessionEnd", map[string]any{"reason": "clear"})); code != http.StatusNotFound {
+		t.Fatalf("another user's session: %d %s", code, b)
 	}
 }

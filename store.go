@@ -2158,6 +2158,32 @@ func (s *store) openHookSession(ctx context.Context, userID, sessionID, title st
 	return nil
 }
 
+// endHookSession ends userID's session (SessionEnd). A session agentline
+// never saw is left alone: nothing is created or sent. It returns
+// errNotFound when the id is another user's session.
+func (s *store) endHookSession(ctx context.Context, userID, sessionID string) error {
+	err := s.endSession(ctx, userID, sessionID)
+	if !errors.Is(err, errNotFound) {
+		return err
+	}
+	// Missing or another user's: creating it, as every other event would,
+	// says which (another user's id stays not found); then rolled back.
+	errUnseen := errors.New("unseen session")
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		if _, err := lockOrCreateSession(ctx, tx, userID, sessionID, hookAgentType); err != nil {
+			return err
+		}
+		return errUnseen
+	})
+	if errors.Is(err, errUnseen) {
+		return nil
+	}
+	if err != nil && !errors.Is(err, errNotFound) {
+		return fmt.Errorf("end hook session: %w", err)
+	}
+	return err
+}
+
 // maxTitleChars bounds a session's title (a path, but sent by a client).
 const maxTitleChars = 1000
 
