@@ -167,7 +167,7 @@ func (a *app) hookPermission(r *http.Request, c caller, sid string, in hookPermi
 		return nil, err
 	}
 	req := approvalRequest{SessionID: sid, ToolName: tool, Input: input, ToolUseID: cleanText(in.ToolUseID),
-		Content: approvalContent(tool, input), Rule: ruleFor(tool, input), ResumeOpenOnly: true}
+		Content: approvalContent(tool, input), Rule: ruleFor(tool, input), ResumeOpenOnly: true, ViaHook: true}
 	away, err := a.store.presence(ctx, c.UserID)
 	if err != nil {
 		return nil, err
@@ -281,6 +281,6 @@ func (a *app) handlePutPresence() http.HandlerFunc {
 		if in.Away == nil {
 			return nil, badRequestf("field %q is required (true or false)", "away")
 		}
-		return presenceJSON{*in.Away}, a.store.setPresence(r.Context(), c.UserID, *in.Away)
+		return presenceJSON{*in.Away}, a.store.setPresence(r.Context(), c.UserID, *in.Away, hookClosedNote)
 	})
 }

@@ -800,3 +800,37 @@ func TestHookSessionEndUnseen(t *testing.T) {
 		t.Fatalf("another user's session: %d %s", code, b)
 	}
 }
+
+// Review item 5: turning Away off releases the hooks that wait: each
+// answers {} at once (Claude Code shows its own prompt to the person now at
+// the keyboard) and its approval is closed; an approve tool's approval of
+// the same person stays open.
+func TestHookAwayOffReleases(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "back@example.com")
+	uid := e.mustUserID(t, "back@example.com")
+	tool, err := e.a.store.askApproval(context.Background(), uid, approvalRequest{SessionID: newUUID(), AgentType: "claude-code", Create: true,
+		ToolName: "Bash", Input: []byte(`{"command":"make"}`), Content: "Approve Bash: make"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	res := hkGo(context.Background(), e, agent, hkPermission(sid, "git push"))
+	qid := hkOpen(t, e, sid)
+	mcpTWaiters(t, e, 1)
+	start := time.Now()
+	hkAway(t, e, person, false)
+	if r := hkWait(t, res, 5*time.Second); r.code != 200 || r.body != hkNothing || time.Since(start) > 2*time.Second {
+		t.Fatalf("after Away off: %d %q in %s", r.code, r.body, time.Since(start))
+	}
+	var asks bool
+	var note string
+	e.db.QueryRow(`SELECT requires_user_input, COALESCE(decision_message, '') FROM messages WHERE id = $1`, qid).Scan(&asks, &note)
+	if asks || note != hookClosedNote {
+		t.Fatalf("the hook's approval: asks %v note %q", asks, note)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM messages WHERE id = $1 AND requires_user_input AND decision IS NULL`, tool.ID); n != 1 {
+		t.Fatal("the approve tool's approval was closed")
+	}
+}

@@ -1552,6 +1552,9 @@ type approvalRequest struct {
 	// sends no tool_use_id and the hook never sees the calls in between, so
 	// the same request again is a new question).
 	ResumeOpenOnly bool
+	// ViaHook: asked by a PermissionRequest hook (turning Away off closes
+	// the open ones).
+	ViaHook bool
 }
 
 // approval is where an approval stands.
@@ -1665,8 +1668,8 @@ func markApproval(ctx context.Context, tx *sql.Tx, userID, id string, in approva
 	_, err := tx.ExecContext(ctx, `
 		UPDATE messages SET kind = 'approval', tool_name = $3, tool_input = $4::jsonb, tool_use_id = NULLIF($5, ''),
 			decision = NULLIF($6, ''), decided_by_rule = NULLIF($7, ''), decided_at = CASE WHEN $6 <> '' THEN now() END,
-			decision_message = NULLIF($8, '')
-		WHERE id = $1 AND user_id = $2`, id, userID, in.ToolName, string(in.Input), in.ToolUseID, decision, rule, note)
+			decision_message = NULLIF($8, ''), via_hook = $9
+		WHERE id = $1 AND user_id = $2`, id, userID, in.ToolName, string(in.Input), in.ToolUseID, decision, rule, note, in.ViaHook)
 	if err != nil {
 		return fmt.Errorf("mark approval: %w", err)
 	}
@@ -2111,15 +2114,45 @@ func (s *store) presence(ctx context.Context, userID string) (bool, error) {
 	return away, nil
 }
 
-// setPresence turns userID's Away switch on or off. It returns errNotFound
-// for an unknown user.
-func (s *store) setPresence(ctx context.Context, userID string, away bool) error {
+// setPresence turns userID's Away switch on or off. Off (the person is at
+// the keyboard) closes the open approvals that PermissionRequest hooks
+// asked, with note, so their hooks answer {} and Claude Code shows its own
+// prompt. It returns errNotFound for an unknown user.
+func (s *store) setPresence(ctx context.Context, userID string, away bool, note string) error {
 	res, err := s.db.ExecContext(ctx, `UPDATE users SET away = $2, updated_at = now() WHERE id = $1`, userID, away)
 	if err != nil {
 		return fmt.Errorf("set presence: %w", err)
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return errNotFound
+	}
+	if away {
+		return nil
+	}
+	rows, err := s.db.QueryContext(ctx, `
+		SELECT id, agent_instance_id FROM messages
+		WHERE user_id = $1 AND via_hook AND requires_user_input AND kind = 'approval' AND decision IS NULL`, userID)
+	if err != nil {
+		return fmt.Errorf("set presence: %w", err)
+	}
+	var open [][2]string
+	for rows.Next() {
+		var id, sid string
+		if err := rows.Scan(&id, &sid); err != nil {
+			rows.Close()
+			return fmt.Errorf("set presence: %w", err)
+		}
+		open = append(open, [2]string{id, sid})
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("set presence: %w", err)
+	}
+	for _, o := range open {
+		// Each under its session's lock; one decided meanwhile stays decided.
+		if _, err := s.closeApproval(ctx, userID, o[1], o[0], note); err != nil && !errors.Is(err, errNotFound) {
+			return fmt.Errorf("set presence: %w", err)
+		}
 	}
 	return nil
 }
