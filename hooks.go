@@ -233,7 +233,8 @@ var waitingNotifications = map[string]bool{"permission_prompt": true, "idle_prom
 // notificationStep is a Notification. One that waits for the person
 // (waitingNotifications) marks the session waiting, and the person hears of
 // it as agent.waiting; a permission_prompt while the session's approval is
-// open adds nothing (the approval already asks). Any other type
+// open adds nothing (the approval already asks; one a hook asked counts only
+// within HOOK_WAIT, while its hook may still wait). Any other type
 // (auth_success, …) is a timeline step only.
 func (a *app) notificationStep(sid string, in hookNotificationInput) hookStep {
 	text := strings.TrimSpace(cleanText(in.Message))
@@ -243,7 +244,8 @@ func (a *app) notificationStep(sid string, in hookNotificationInput) hookStep {
 	step := hookStep{SessionID: sid, Content: cutChars(text, maxHookText)}
 	if waitingNotifications[in.NotificationType] {
 		step.Event, step.Waiting = eventAgentWaiting, true
-		step.QuietWhenApprovalOpen, step.Timeout = in.NotificationType == "permission_prompt", a.cfg.questionTimeout
+		step.QuietWhenApprovalOpen = in.NotificationType == "permission_prompt"
+		step.Timeout, step.HookWait = a.cfg.questionTimeout, a.cfg.hookWait
 	}
 	return step
 }

@@ -834,3 +834,35 @@ func TestHookAwayOffReleases(t *testing.T) {
 		t.Fatal("the approve tool's approval was closed")
 	}
 }
+
+// Review item 6: an approval left open by a hook that hung up asks nobody
+// once HOOK_WAIT has passed (Claude Code shows its own prompt), so a
+// permission_prompt then is pushed as agent.waiting.
+func TestHookPromptAfterLeftover(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "left@example.com", func(a *app) { a.cfg.hookWait = time.Second })
+	rc := newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": rc.URL, "events": []string{"agent.waiting"}})
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	ctx, cancel := context.WithCancel(context.Background())
+	res := hkGo(ctx, e, agent, hkPermission(sid, "git push"))
+	hkOpen(t, e, sid)
+	cancel()
+	<-res
+	prompt := hkEvent(sid, "Notification", map[string]any{"message": "Claude needs your permission to use Bash", "notification_type": "permission_prompt"})
+	// Within HOOK_WAIT the approval may still have its hook: quiet.
+	if code, b := e.call(t, "POST", hookPath, agent, prompt); code != 200 || string(b) != hkNothing {
+		t.Fatalf("prompt: %d %s", code, b)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM notification_events WHERE kind = 'agent.waiting'`); n != 0 {
+		t.Fatalf("%d agent.waiting within HOOK_WAIT", n)
+	}
+	time.Sleep(1200 * time.Millisecond)
+	if code, b := e.call(t, "POST", hookPath, agent, prompt); code != 200 || string(b) != hkNothing {
+		t.Fatalf("prompt: %d %s", code, b)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM notification_events WHERE kind = 'agent.waiting'`); n != 1 {
+		t.Fatalf("%d agent.waiting after HOOK_WAIT, want 1", n)
+	}
+}

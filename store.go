@@ -2232,6 +2232,9 @@ type hookStep struct {
 	// session has an open approval (it already asks the person).
 	QuietWhenApprovalOpen bool
 	Timeout               time.Duration // QUESTION_TIMEOUT: an older approval is no longer open
+	// HookWait: an older approval a hook asked has no hook waiting any more
+	// (it hung up), so Claude Code shows its own prompt: not counted.
+	HookWait time.Duration
 }
 
 // addHookStep stores a hook's step in userID's existing session, marks the
@@ -2249,8 +2252,9 @@ func (s *store) addHookStep(ctx context.Context, userID string, in hookStep) (bo
 			err := tx.QueryRowContext(ctx, `
 				SELECT EXISTS (SELECT 1 FROM messages
 					WHERE agent_instance_id = $1 AND user_id = $2 AND kind = 'approval' AND decision IS NULL
-						AND requires_user_input AND created_at + make_interval(secs => $3) > now())`,
-				in.SessionID, userID, in.Timeout.Seconds()).Scan(&open)
+						AND requires_user_input
+						AND created_at + make_interval(secs => CASE WHEN via_hook THEN $4::float8 ELSE $3::float8 END) > now())`,
+				in.SessionID, userID, in.Timeout.Seconds(), in.HookWait.Seconds()).Scan(&open)
 			if err != nil || open {
 				return err
 			}
