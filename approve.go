@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -147,17 +148,69 @@ const deniedByPerson = "Denied by the person."
 // maxToolInput bounds a stored tool input.
 const maxToolInput = 256 << 10
 
-// canonicalObject re-encodes a JSON object (numbers kept as written), or
-// reports that raw is not one.
-func canonicalObject(raw json.RawMessage) ([]byte, bool) {
+// maxNumberChars bounds a number in a tool input as written (a float64's
+// largest, written out in full, is 309 digits).
+const maxNumberChars = 400
+
+// canonicalObject re-encodes a JSON object (numbers kept as written) as
+// PostgreSQL's jsonb stores it, or says what is wrong with raw: not an
+// object, or a number jsonb or a float64 cannot hold. A NUL, which jsonb
+// cannot hold, becomes U+FFFD in strings and keys.
+func canonicalObject(raw json.RawMessage) ([]byte, string) {
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.UseNumber()
 	var v map[string]any
 	if err := dec.Decode(&v); err != nil || v == nil {
-		return nil, false
+		return nil, "must be a JSON object (the tool call's input)"
 	}
-	b, err := json.Marshal(v)
-	return b, err == nil
+	clean, bad := jsonbSafe(v)
+	if bad != "" {
+		return nil, "holds the number " + cutChars(bad, 40) + ", beyond the range of a 64-bit float"
+	}
+	b, err := json.Marshal(clean)
+	if err != nil {
+		return nil, "must be a JSON object (the tool call's input)"
+	}
+	return b, ""
+}
+
+// jsonbSafe returns v (decoded with UseNumber) with every NUL in its strings
+// and keys replaced by U+FFFD, or the first number it holds that is out of
+// a float64's range (an overflow, an underflow to zero, or over
+// maxNumberChars).
+func jsonbSafe(v any) (any, string) {
+	switch v := v.(type) {
+	case string:
+		return strings.ReplaceAll(v, "\x00", "\uFFFD"), ""
+	case json.Number:
+		s := string(v)
+		f, err := strconv.ParseFloat(s, 64)
+		mantissa, _, _ := strings.Cut(strings.ToLower(s), "e")
+		if len(s) > maxNumberChars || err != nil || (f == 0 && strings.ContainsAny(mantissa, "123456789")) {
+			return nil, s
+		}
+		return v, ""
+	case []any:
+		for i, e := range v {
+			c, bad := jsonbSafe(e)
+			if bad != "" {
+				return nil, bad
+			}
+			v[i] = c
+		}
+		return v, ""
+	case map[string]any:
+		out := make(map[string]any, len(v))
+		for k, e := range v {
+			c, bad := jsonbSafe(e)
+			if bad != "" {
+				return nil, bad
+			}
+			out[strings.ReplaceAll(k, "\x00", "\uFFFD")] = c
+		}
+		return out, ""
+	}
+	return v, ""
 }
 
 // permissionResult is the tool result: the one text block Claude Code
@@ -217,9 +270,9 @@ func checkToolCall(toolName, inputField string, rawInput json.RawMessage, toolUs
 	if len(rawInput) > maxToolInput {
 		return "", nil, badRequestf("%s is over %d bytes", inputField, maxToolInput)
 	}
-	input, ok := canonicalObject(rawInput)
-	if !ok {
-		return "", nil, badRequestf("%s must be a JSON object (the tool call's input)", inputField)
+	input, wrong := canonicalObject(rawInput)
+	if wrong != "" {
+		return "", nil, badRequestf("%s %s", inputField, wrong)
 	}
 	if len(toolUseID) > 200 {
 		return "", nil, badRequestf("tool_use_id is over 200 characters")

@@ -480,3 +480,37 @@ func TestApproveNotReopened(t *testing.T) {
 		t.Fatalf("request-input on a decided approval: %d %s", code, b)
 	}
 }
+
+// Review item 3, the approve tool's share: a NUL in the input is stored as
+// U+FFFD, and a number beyond float64's range is a tool error that says so,
+// never "internal error".
+func TestApproveOddInput(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t, func(a *app) { a.cfg.callLimit = 200 * time.Millisecond })
+	agent := e.mustKey(t, "odd@example.com", scopeAgent)
+	cs := mcpTConnect(t, e, mcpTStreamable, agent, mcpTDial{})
+	res := mcpTCall(t, cs, "approve", map[string]any{"tool_name": "Write", "input": map[string]any{"content": "a\x00b"}, "tool_use_id": "toolu_nul"})
+	if res.IsError || !strings.Contains(mcpTText(res), "still open") {
+		t.Fatalf("NUL: %s", mcpTText(res))
+	}
+	var stored string
+	e.db.QueryRow(`SELECT tool_input::text FROM messages WHERE tool_use_id = 'toolu_nul'`).Scan(&stored)
+	if stored != `{"content": "a`+"\uFFFD"+`b"}` {
+		t.Fatalf("NUL stored as %q", stored)
+	}
+	// A number beyond a float64: the server's MCP SDK decodes the arguments
+	// into float64s first, so 1e999999 is its tool error and 1e-2000 is 0
+	// (jsonb takes both then); never an internal error. The go-sdk client
+	// cannot send them: a client written out by hand.
+	raw := newRawMCP(t, e, agent)
+	for i, n := range []string{"1e999999", "1e-2000"} {
+		select {
+		case out := <-raw.call(2+i, "approve", `{"tool_name":"Bash","input":{"n":`+n+`},"tool_use_id":"toolu_`+n+`"}`):
+			if strings.Contains(out, "internal error") || !strings.Contains(out, `"result"`) {
+				t.Fatalf("%s: %s", n, out)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: no answer", n)
+		}
+	}
+}

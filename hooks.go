@@ -15,9 +15,13 @@ import (
 	"encoding/json"
 	"net/http"
 	"strings"
+	"time"
 )
 
 const (
+	// maxHookWait bounds HOOK_WAIT: below the PermissionRequest hook's
+	// 300 s timeout, with time to answer.
+	maxHookWait = 290 * time.Second
 	// hookAgentType is the agent type of a session a hook creates.
 	hookAgentType = "claude-code"
 	// hookClosedNote closes an approval nobody decided within HOOK_WAIT:
@@ -27,24 +31,58 @@ const (
 	hookDeskNote = "asked at the terminal (the person was at the desk)"
 )
 
-// hookInput is a hook's input as Claude Code sends it (its hooks reference:
-// the common fields, then each event's own); fields of other events are
-// ignored.
-type hookInput struct {
-	SessionID      string `json:"session_id"`
-	HookEventName  string `json:"hook_event_name"`
-	Cwd            string `json:"cwd"`
-	TranscriptPath string `json:"transcript_path"`
-	// PermissionRequest
-	ToolName              *string         `json:"tool_name"`
-	ToolInput             json.RawMessage `json:"tool_input"`
-	ToolUseID             string          `json:"tool_use_id"`
-	PermissionSuggestions json.RawMessage `json:"permission_suggestions"`
-	// Notification
+// hookBody is a hook's input as Claude Code sends it: a JSON object whose
+// hook_event_name says which event's fields it holds (its hooks reference).
+// Only the events agentline handles are decoded further, each reading its
+// own fields alone: an ignored event, or another event's field, can never
+// make a request fail.
+type hookBody struct {
+	event string
+	raw   []byte
+}
+
+func (h *hookBody) UnmarshalJSON(b []byte) error {
+	var e struct {
+		HookEventName string `json:"hook_event_name"`
+	}
+	if err := json.Unmarshal(b, &e); err != nil {
+		return err
+	}
+	h.event, h.raw = e.HookEventName, append([]byte(nil), b...)
+	return nil
+}
+
+// decode reads the event's own fields into v (a hook*Input holding
+// common) and returns the session id, a UUID (Claude Code's are).
+func (h hookBody) decode(v any, common *hookCommon) (string, error) {
+	if err := parseJSON(h.raw, v); err != nil {
+		return "", err
+	}
+	return uuidField("session_id", common.SessionID)
+}
+
+// hookCommon holds the fields of every event that agentline reads.
+type hookCommon struct {
+	SessionID string `json:"session_id"`
+	Cwd       string `json:"cwd"`
+}
+
+type hookPermissionInput struct {
+	hookCommon
+	ToolName  *string         `json:"tool_name"`
+	ToolInput json.RawMessage `json:"tool_input"`
+	ToolUseID string          `json:"tool_use_id"`
+}
+
+type hookNotificationInput struct {
+	hookCommon
 	Message          string `json:"message"`
 	Title            string `json:"title"`
 	NotificationType string `json:"notification_type"`
-	// Stop
+}
+
+type hookStopInput struct {
+	hookCommon
 	LastAssistantMessage string `json:"last_assistant_message"`
 }
 
@@ -68,29 +106,42 @@ type hookDecision struct {
 
 // handleClaudeCodeHook answers every hook event Claude Code sends. A body
 // that is not a hook input is a 400 before anything is stored; another
-// user's session is a 404.
+// user's session is a 404; an event agentline does not handle is {}
+// whatever else the body holds.
 func (a *app) handleClaudeCodeHook() http.HandlerFunc {
-	return handleJSON(a, func(r *http.Request, c caller, in hookInput) (any, error) {
-		if strings.TrimSpace(in.HookEventName) == "" {
+	return handleJSON(a, func(r *http.Request, c caller, in hookBody) (any, error) {
+		if strings.TrimSpace(in.event) == "" {
 			return nil, badRequestf("field %q is required", "hook_event_name")
 		}
-		// Claude Code's session ids are UUIDs: anything else is not Claude Code.
-		sid, err := uuidField("session_id", in.SessionID)
-		if err != nil {
-			return nil, err
-		}
-		switch in.HookEventName {
+		switch in.event {
 		case "PermissionRequest":
-			return a.hookPermission(r, c, sid, in)
-		case "Notification":
-			return a.recordHookStep(r, c, sid, in, a.notificationStep(sid, in))
-		case "Stop":
-			return a.recordHookStep(r, c, sid, in, stopStep(sid, in))
-		case "SessionEnd":
-			if err := a.store.openHookSession(r.Context(), c.UserID, sid, in.Cwd); err != nil {
+			var p hookPermissionInput
+			sid, err := in.decode(&p, &p.hookCommon)
+			if err != nil {
 				return nil, err
 			}
-			return hookOutput{}, a.store.endSession(r.Context(), c.UserID, sid)
+			return a.hookPermission(r, c, sid, p)
+		case "Notification":
+			var n hookNotificationInput
+			sid, err := in.decode(&n, &n.hookCommon)
+			if err != nil {
+				return nil, err
+			}
+			return a.recordHookStep(r, c, n.Cwd, a.notificationStep(sid, n))
+		case "Stop":
+			var st hookStopInput
+			sid, err := in.decode(&st, &st.hookCommon)
+			if err != nil {
+				return nil, err
+			}
+			return a.recordHookStep(r, c, st.Cwd, stopStep(sid, st))
+		case "SessionEnd":
+			var e hookCommon
+			sid, err := in.decode(&e, &e)
+			if err != nil {
+				return nil, err
+			}
+			return hookOutput{}, a.store.endHookSession(r.Context(), c.UserID, sid)
 		}
 		return hookOutput{}, nil // any other event: nothing stored
 	})
@@ -101,8 +152,9 @@ func (a *app) handleClaudeCodeHook() http.HandlerFunc {
 // existed. Away, it is an approval: answered with the person's decision, or
 // {} once HOOK_WAIT passes (the approval is then closed, and the person
 // answers at the terminal). A client that hangs up leaves the approval open;
-// the same request again resumes it.
-func (a *app) hookPermission(r *http.Request, c caller, sid string, in hookInput) (any, error) {
+// the same request again resumes it while it is open (a decided one is
+// never reused: Claude Code sends no tool_use_id, so it asks again).
+func (a *app) hookPermission(r *http.Request, c caller, sid string, in hookPermissionInput) (any, error) {
 	ctx := r.Context()
 	if in.ToolName == nil {
 		return nil, badRequestf("field %q is required", "tool_name")
@@ -111,11 +163,11 @@ func (a *app) hookPermission(r *http.Request, c caller, sid string, in hookInput
 	if err != nil {
 		return nil, err
 	}
-	if err := a.store.openHookSession(ctx, c.UserID, sid, in.Cwd); err != nil {
+	if err := a.store.openHookSession(ctx, c.UserID, sid, in.Cwd, true); err != nil {
 		return nil, err
 	}
 	req := approvalRequest{SessionID: sid, ToolName: tool, Input: input, ToolUseID: cleanText(in.ToolUseID),
-		Content: approvalContent(tool, input), Rule: ruleFor(tool, input)}
+		Content: approvalContent(tool, input), Rule: ruleFor(tool, input), ResumeOpenOnly: true, ViaHook: true}
 	away, err := a.store.presence(ctx, c.UserID)
 	if err != nil {
 		return nil, err
@@ -163,8 +215,8 @@ func permissionOutput(ap approval) hookOutput {
 
 // recordHookStep stores a Notification's or Stop's step in the session (created
 // on first sight) and answers {}.
-func (a *app) recordHookStep(r *http.Request, c caller, sid string, in hookInput, step hookStep) (any, error) {
-	if err := a.store.openHookSession(r.Context(), c.UserID, sid, in.Cwd); err != nil {
+func (a *app) recordHookStep(r *http.Request, c caller, cwd string, step hookStep) (any, error) {
+	if err := a.store.openHookSession(r.Context(), c.UserID, step.SessionID, cwd, true); err != nil {
 		return nil, err
 	}
 	_, err := a.store.addHookStep(r.Context(), c.UserID, step)
@@ -174,21 +226,33 @@ func (a *app) recordHookStep(r *http.Request, c caller, sid string, in hookInput
 // maxHookText bounds the text a hook stores.
 const maxHookText = 4000
 
-// notificationStep is a Notification: the session waits for the person,
-// who hears of it as agent.waiting; a permission_prompt while the session's
-// approval is open adds nothing (the approval already asks).
-func (a *app) notificationStep(sid string, in hookInput) hookStep {
+// waitingNotifications are the notification types that wait for the
+// person ("" too: older Claude Code sends no type).
+var waitingNotifications = map[string]bool{"permission_prompt": true, "idle_prompt": true, "elicitation_dialog": true, "": true}
+
+// notificationStep is a Notification. One that waits for the person
+// (waitingNotifications) marks the session waiting, and the person hears of
+// it as agent.waiting; a permission_prompt while the session's approval is
+// open adds nothing (the approval already asks; one a hook asked counts only
+// within HOOK_WAIT, while its hook may still wait). Any other type
+// (auth_success, …) is a timeline step only.
+func (a *app) notificationStep(sid string, in hookNotificationInput) hookStep {
 	text := strings.TrimSpace(cleanText(in.Message))
 	if text == "" {
 		text = cmp.Or(strings.TrimSpace(cleanText(in.Title)), "Claude is waiting for you")
 	}
-	return hookStep{SessionID: sid, Content: cutChars(text, maxHookText), Event: eventAgentWaiting, Waiting: true,
-		QuietWhenApprovalOpen: in.NotificationType == "permission_prompt", Timeout: a.cfg.questionTimeout}
+	step := hookStep{SessionID: sid, Content: cutChars(text, maxHookText)}
+	if waitingNotifications[in.NotificationType] {
+		step.Event, step.Waiting = eventAgentWaiting, true
+		step.QuietWhenApprovalOpen = in.NotificationType == "permission_prompt"
+		step.Timeout, step.HookWait = a.cfg.questionTimeout, a.cfg.hookWait
+	}
+	return step
 }
 
 // stopStep is a Stop: Claude finished its turn and waits for the person;
 // channels that ask for agent.idle hear of it.
-func stopStep(sid string, in hookInput) hookStep {
+func stopStep(sid string, in hookStopInput) hookStep {
 	text := "Finished its turn; waiting for you."
 	if last := strings.TrimSpace(cleanText(in.LastAssistantMessage)); last != "" {
 		text += "\n\n" + last
@@ -219,6 +283,6 @@ func (a *app) handlePutPresence() http.HandlerFunc {
 		if in.Away == nil {
 			return nil, badRequestf("field %q is required (true or false)", "away")
 		}
-		return presenceJSON{*in.Away}, a.store.setPresence(r.Context(), c.UserID, *in.Away)
+		return presenceJSON{*in.Away}, a.store.setPresence(r.Context(), c.UserID, *in.Away, hookClosedNote)
 	})
 }

@@ -492,7 +492,12 @@ func TestHookWaitConfig(t *testing.T) {
 			t.Errorf("HOOK_WAIT=%q: %v %v", v, c.hookWait, err)
 		}
 	}
-	for _, v := range []string{"soon", "0", "-5"} {
+	// At or near the PermissionRequest hook's 300 s timeout Claude Code
+	// would give up first (review, minor): over 290 s is refused.
+	if c, err := loadConfig(env("290s")); err != nil || c.hookWait != 290*time.Second {
+		t.Errorf("HOOK_WAIT=290s: %v %v", c.hookWait, err)
+	}
+	for _, v := range []string{"soon", "0", "-5", "291s", "300", "5m"} {
 		if _, err := loadConfig(env(v)); err == nil || !strings.Contains(err.Error(), "HOOK_WAIT") {
 			t.Errorf("HOOK_WAIT=%q: %v", v, err)
 		}
@@ -501,7 +506,8 @@ func TestHookWaitConfig(t *testing.T) {
 
 // TestHookReadmeSettings: the README's settings block is valid JSON, holds
 // the four events, each an http hook at the endpoint with the documented
-// keys, and a timeout above HOOK_WAIT's default.
+// keys; PermissionRequest's timeout is above HOOK_WAIT's default, the
+// others' short (review item 4).
 func TestHookReadmeSettings(t *testing.T) {
 	readme, err := os.ReadFile("README.md")
 	if err != nil {
@@ -541,12 +547,19 @@ func TestHookReadmeSettings(t *testing.T) {
 			t.Errorf("Stop takes no matcher")
 		}
 		h := groups[0].Hooks[0]
-		if h.Type != "http" || !strings.HasSuffix(h.URL, hookPath) || h.Timeout != 300 ||
+		if h.Type != "http" || !strings.HasSuffix(h.URL, hookPath) ||
 			h.Headers["Authorization"] != "Bearer $AGENTLINE_KEY" || len(h.AllowedEnvVars) != 1 || h.AllowedEnvVars[0] != "AGENTLINE_KEY" {
 			t.Errorf("%s: %+v", ev, h)
 		}
-		if time.Duration(h.Timeout)*time.Second <= 280*time.Second {
-			t.Errorf("%s: timeout %d is not above HOOK_WAIT", ev, h.Timeout)
+		// Only a PermissionRequest waits for the person, so only it may take
+		// long: Claude Code waits for the others (a Stop hook at every turn's
+		// end), and a slow server must not stall it for minutes.
+		if ev == "PermissionRequest" {
+			if h.Timeout != 300 || time.Duration(h.Timeout)*time.Second <= 280*time.Second {
+				t.Errorf("%s: timeout %d, want 300 (above HOOK_WAIT)", ev, h.Timeout)
+			}
+		} else if h.Timeout < 1 || h.Timeout > 30 {
+			t.Errorf("%s: timeout %d, want at most 30 s", ev, h.Timeout)
 		}
 	}
 	if len(settings.Hooks) != 4 {
@@ -571,5 +584,285 @@ func TestHookInboxAwayToggle(t *testing.T) {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("%s lacks %s", path, want)
 		}
+	}
+}
+
+// Review item 1: Claude Code's PermissionRequest has no tool_use_id, and
+// the hook never sees tool calls that need no permission, so an allow or a
+// deny once is never the answer to the same request again: it asks again.
+func TestHookDecisionNotReused(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "once@example.com")
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	var ids []string
+	for i, c := range []struct {
+		answer string
+		want   string
+	}{{"allow", hkAllow}, {"deny", hkDeny(deniedByPerson)}, {"allow", hkAllow}} {
+		res := hkGo(context.Background(), e, agent, hkPermission(sid, "npm test"))
+		select {
+		case r := <-res:
+			t.Fatalf("request %d was answered at once without asking: %d %q", i, r.code, r.body)
+		case <-time.After(500 * time.Millisecond):
+		}
+		qid := hkOpen(t, e, sid)
+		for _, old := range ids {
+			if qid == old {
+				t.Fatalf("request %d resumed approval %s", i, old)
+			}
+		}
+		ids = append(ids, qid)
+		if code, out := apAnswer(t, e, person, qid, map[string]any{"decision": c.answer}); code != 200 {
+			t.Fatalf("answer %d: %d %v", i, code, out)
+		}
+		if r := hkWait(t, res, 10*time.Second); r.code != 200 || r.body != c.want {
+			t.Fatalf("request %d: %d %q, want %q", i, r.code, r.body, c.want)
+		}
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM messages WHERE agent_instance_id = $1 AND kind = 'approval'`, sid); n != 3 {
+		t.Fatalf("%d approvals, want 3", n)
+	}
+}
+
+// Review item 2: `claude --resume` keeps the session id, so any event after
+// SessionEnd but a SessionEnd reopens the session: Stop marks it waiting
+// again, and an away PermissionRequest is an approval the person can
+// answer, not one that ended at once.
+func TestHookResumedSession(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "resume@example.com")
+	sid := newUUID()
+	status := func() (s string, ended bool) {
+		t.Helper()
+		if err := e.db.QueryRow(`SELECT status, ended_at IS NOT NULL FROM agent_instances WHERE id = $1`, sid).Scan(&s, &ended); err != nil {
+			t.Fatal(err)
+		}
+		return s, ended
+	}
+	for _, in := range []map[string]any{hkEvent(sid, "Stop", nil), hkEvent(sid, "SessionEnd", map[string]any{"reason": "prompt_input_exit"})} {
+		if code, b := e.call(t, "POST", hookPath, agent, in); code != 200 || string(b) != hkNothing {
+			t.Fatalf("%s: %d %q", in["hook_event_name"], code, b)
+		}
+	}
+	if s, ended := status(); s != statusCompleted || !ended {
+		t.Fatalf("after SessionEnd: %s ended %v", s, ended)
+	}
+	// A SessionEnd again keeps it ended.
+	if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "SessionEnd", map[string]any{"reason": "other"})); code != 200 || string(b) != hkNothing {
+		t.Fatalf("SessionEnd again: %d %q", code, b)
+	}
+	if s, _ := status(); s != statusCompleted {
+		t.Fatalf("after a second SessionEnd: %s", s)
+	}
+	// Resumed: Stop shows it waiting for the person.
+	if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "Stop", nil)); code != 200 || string(b) != hkNothing {
+		t.Fatalf("Stop after resume: %d %q", code, b)
+	}
+	if s, ended := status(); s != statusAwaitingInput || ended {
+		t.Fatalf("Stop after resume: %s ended %v", s, ended)
+	}
+	// Ended again, then resumed by a PermissionRequest while away.
+	e.call(t, "POST", hookPath, agent, hkEvent(sid, "SessionEnd", map[string]any{"reason": "other"}))
+	hkAway(t, e, person, true)
+	res := hkGo(context.Background(), e, agent, hkPermission(sid, "ls -la"))
+	qid := hkOpen(t, e, sid)
+	if code, out := apAnswer(t, e, person, qid, map[string]any{"decision": "allow"}); code != 200 {
+		t.Fatalf("answer: %d %v", code, out)
+	}
+	if r := hkWait(t, res, 10*time.Second); r.code != 200 || r.body != hkAllow {
+		t.Fatalf("resumed session's approval: %d %q", r.code, r.body)
+	}
+	if s, ended := status(); s != statusActive || ended {
+		t.Fatalf("after the approval: %s ended %v", s, ended)
+	}
+}
+
+// Review item 3: a tool_input that is valid JSON is never a 500: a NUL in a
+// string or a key (PostgreSQL's jsonb has none) is stored as U+FFFD, and a
+// number beyond float64's range (PostgreSQL's numeric rejects it) is a 400,
+// at the desk and away.
+func TestHookOddToolInput(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "odd@example.com", func(a *app) { a.cfg.hookWait = 300 * time.Millisecond })
+	for _, away := range []bool{false, true} {
+		hkAway(t, e, person, away)
+		sid := newUUID()
+		nul := hkPermission(sid, "ls")
+		nul["tool_input"] = map[string]any{"content": "a\x00b", "k\x00": []any{"\x00"}}
+		if code, b := e.call(t, "POST", hookPath, agent, nul); code != 200 || string(b) != hkNothing {
+			t.Fatalf("away %v, NUL: %d %s", away, code, b)
+		}
+		var stored string
+		e.db.QueryRow(`SELECT tool_input::text FROM messages WHERE agent_instance_id = $1 AND kind = 'approval'`, sid).Scan(&stored)
+		if stored != `{"k`+"\uFFFD"+`": ["`+"\uFFFD"+`"], "content": "a`+"\uFFFD"+`b"}` { // jsonb orders keys by length
+			t.Fatalf("away %v, NUL stored as %q", away, stored)
+		}
+		for _, n := range []string{"1e999999", "-1e400", `[1, {"x": 2e308}]`, "1e-2000", "1." + strings.Repeat("0", 20000)} {
+			body := `{"session_id":"` + newUUID() + `","hook_event_name":"PermissionRequest","tool_name":"Bash","tool_input":{"n":` + n + `}}`
+			code, b := e.call(t, "POST", hookPath, agent, body)
+			if code != http.StatusBadRequest || !strings.Contains(mustJSON(t, b)["detail"].(string), "tool_input") {
+				t.Fatalf("away %v, %s: %d %s", away, n, code, b)
+			}
+		}
+		// A number PostgreSQL can hold is kept as written.
+		body := `{"session_id":"` + sid + `","hook_event_name":"PermissionRequest","tool_name":"Bash","tool_input":{"n":1e300,"m":0.000000000000000000001}}`
+		if code, b := e.call(t, "POST", hookPath, agent, body); code != 200 || string(b) != hkNothing {
+			t.Fatalf("away %v, big number: %d %s", away, code, b)
+		}
+	}
+}
+
+// Review item 7: an event agentline ignores is answered {} whatever its
+// fields hold, and a field of another event is never read.
+func TestHookIgnoredFields(t *testing.T) {
+	t.Parallel()
+	e, agent, _ := hkEnv(t, "ign@example.com")
+	sid := newUUID()
+	for name, body := range map[string]any{
+		"SessionStart, id not a UUID":   map[string]any{"hook_event_name": "SessionStart", "session_id": "x", "source": "startup"},
+		"PreToolUse, no session_id":     map[string]any{"hook_event_name": "PreToolUse", "tool_use_id": 5, "tool_input": "ls"},
+		"PostToolUse, odd types":        hkEvent(newUUID(), "PostToolUse", map[string]any{"tool_use_id": 7, "message": []any{1}, "title": false, "cwd": 3}),
+		"UserPromptSubmit, number id":   map[string]any{"hook_event_name": "UserPromptSubmit", "session_id": 12, "prompt": "hi"},
+		"Stop, another event's fields":  hkEvent(sid, "Stop", map[string]any{"tool_use_id": 9, "message": 1, "title": []any{}, "notification_type": 3, "tool_name": 4}),
+		"Notification, others' fields":  hkEvent(sid, "Notification", map[string]any{"message": "hi", "tool_use_id": 9, "tool_input": "x", "last_assistant_message": 2}),
+		"SessionEnd, others' fields":    hkEvent(sid, "SessionEnd", map[string]any{"reason": "other", "message": 1, "tool_use_id": false}),
+		"PermissionRequest, odd others": func() map[string]any { m := hkPermission(sid, "ls"); m["message"], m["title"] = 1, 2; return m }(),
+	} {
+		if code, b := e.call(t, "POST", hookPath, agent, body); code != 200 || string(b) != hkNothing {
+			t.Errorf("%s: %d %s", name, code, b)
+		}
+	}
+}
+
+// Review, minor: only the notification types that wait for the person
+// (permission_prompt, idle_prompt, elicitation_dialog, or none given, as
+// older Claude Code sends) are agent.waiting; others, auth_success among
+// them, are a timeline step only: no push, the session not waiting.
+func TestHookNotificationTypes(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "types@example.com")
+	rc := newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": rc.URL, "events": []string{"agent.waiting"}})
+	sid := newUUID()
+	for _, c := range []struct {
+		typ     string
+		waiting bool
+	}{{"auth_success", false}, {"something_new", false}, {"elicitation_dialog", true}, {"", true}} {
+		extra := map[string]any{"message": "note " + c.typ}
+		if c.typ != "" {
+			extra["notification_type"] = c.typ
+		}
+		before := mcpTCount(t, e, `SELECT count(*) FROM notification_events WHERE kind = 'agent.waiting'`)
+		if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "Notification", extra)); code != 200 || string(b) != hkNothing {
+			t.Fatalf("%q: %d %s", c.typ, code, b)
+		}
+		code, b := e.call(t, "GET", "/api/v1/sessions/"+sid+"/messages", person, nil)
+		if code != 200 || !strings.Contains(string(b), "note "+c.typ) {
+			t.Fatalf("%q not in the timeline: %s", c.typ, b)
+		}
+		sent := mcpTCount(t, e, `SELECT count(*) FROM notification_events WHERE kind = 'agent.waiting'`) - before
+		var status string
+		e.db.QueryRow(`SELECT status FROM agent_instances WHERE id = $1`, sid).Scan(&status)
+		if (sent == 1) != c.waiting || sent > 1 || (status == statusAwaitingInput) != c.waiting {
+			t.Fatalf("%q: %d agent.waiting, status %s; want waiting %v", c.typ, sent, status, c.waiting)
+		}
+		// The person answers: the session no longer waits.
+		if c.waiting {
+			mcpTAnswer(t, e, person, sid, "ok")
+		}
+	}
+}
+
+// Review, minor: a SessionEnd for a session agentline never saw creates
+// nothing and sends nothing; another user's session is still a 404.
+func TestHookSessionEndUnseen(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "unseen@example.com")
+	rc := newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": rc.URL, "events": []string{"session.ended"}})
+	sid := newUUID()
+	if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "SessionEnd", map[string]any{"reason": "clear"})); code != 200 || string(b) != hkNothing {
+		t.Fatalf("unseen SessionEnd: %d %s", code, b)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM agent_instances WHERE id = $1`, sid); n != 0 {
+		t.Fatal("SessionEnd created the session")
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM notification_events`); n != 0 {
+		t.Fatalf("%d notification events", n)
+	}
+	hkQuiet(t, rc, 0, "an unseen session's end")
+	bob := e.mustKey(t, "bob@example.com", scopeAgent)
+	if code, b := e.call(t, "POST", hookPath, bob, hkEvent(sid, "Stop", nil)); code != 200 {
+		t.Fatalf("bob: %d %s", code, b)
+	}
+	if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "SessionEnd", map[string]any{"reason": "clear"})); code != http.StatusNotFound {
+		t.Fatalf("another user's session: %d %s", code, b)
+	}
+}
+
+// Review item 5: turning Away off releases the hooks that wait: each
+// answers {} at once (Claude Code shows its own prompt to the person now at
+// the keyboard) and its approval is closed; an approve tool's approval of
+// the same person stays open.
+func TestHookAwayOffReleases(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "back@example.com")
+	uid := e.mustUserID(t, "back@example.com")
+	tool, err := e.a.store.askApproval(context.Background(), uid, approvalRequest{SessionID: newUUID(), AgentType: "claude-code", Create: true,
+		ToolName: "Bash", Input: []byte(`{"command":"make"}`), Content: "Approve Bash: make"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	res := hkGo(context.Background(), e, agent, hkPermission(sid, "git push"))
+	qid := hkOpen(t, e, sid)
+	mcpTWaiters(t, e, 1)
+	start := time.Now()
+	hkAway(t, e, person, false)
+	if r := hkWait(t, res, 5*time.Second); r.code != 200 || r.body != hkNothing || time.Since(start) > 2*time.Second {
+		t.Fatalf("after Away off: %d %q in %s", r.code, r.body, time.Since(start))
+	}
+	var asks bool
+	var note string
+	e.db.QueryRow(`SELECT requires_user_input, COALESCE(decision_message, '') FROM messages WHERE id = $1`, qid).Scan(&asks, &note)
+	if asks || note != hookClosedNote {
+		t.Fatalf("the hook's approval: asks %v note %q", asks, note)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM messages WHERE id = $1 AND requires_user_input AND decision IS NULL`, tool.ID); n != 1 {
+		t.Fatal("the approve tool's approval was closed")
+	}
+}
+
+// Review item 6: an approval left open by a hook that hung up asks nobody
+// once HOOK_WAIT has passed (Claude Code shows its own prompt), so a
+// permission_prompt then is pushed as agent.waiting.
+func TestHookPromptAfterLeftover(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "left@example.com", func(a *app) { a.cfg.hookWait = time.Second })
+	rc := newReceiver(t, nil)
+	mustChannel(t, e, person, map[string]any{"kind": "webhook", "url": rc.URL, "events": []string{"agent.waiting"}})
+	hkAway(t, e, person, true)
+	sid := newUUID()
+	ctx, cancel := context.WithCancel(context.Background())
+	res := hkGo(ctx, e, agent, hkPermission(sid, "git push"))
+	hkOpen(t, e, sid)
+	cancel()
+	<-res
+	prompt := hkEvent(sid, "Notification", map[string]any{"message": "Claude needs your permission to use Bash", "notification_type": "permission_prompt"})
+	// Within HOOK_WAIT the approval may still have its hook: quiet.
+	if code, b := e.call(t, "POST", hookPath, agent, prompt); code != 200 || string(b) != hkNothing {
+		t.Fatalf("prompt: %d %s", code, b)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM notification_events WHERE kind = 'agent.waiting'`); n != 0 {
+		t.Fatalf("%d agent.waiting within HOOK_WAIT", n)
+	}
+	time.Sleep(1200 * time.Millisecond)
+	if code, b := e.call(t, "POST", hookPath, agent, prompt); code != 200 || string(b) != hkNothing {
+		t.Fatalf("prompt: %d %s", code, b)
+	}
+	if n := mcpTCount(t, e, `SELECT count(*) FROM notification_events WHERE kind = 'agent.waiting'`); n != 1 {
+		t.Fatalf("%d agent.waiting after HOOK_WAIT, want 1", n)
 	}
 }

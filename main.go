@@ -96,8 +96,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if c.hookWait, err = durationEnv(getenv, "HOOK_WAIT", 280*time.Second); err != nil { // issue 15
 		return c, err
 	}
-	if c.hookWait <= 0 {
-		return c, errors.New("HOOK_WAIT must be positive (and below the hook timeout in Claude Code's settings)")
+	if c.hookWait <= 0 || c.hookWait > maxHookWait {
+		// At or near the PermissionRequest hook's timeout (300 s in the
+		// README's settings) Claude Code gives up first and never reads the
+		// decision: refused rather than run unsafely.
+		return c, fmt.Errorf("HOOK_WAIT must be positive and at most %s (below the 300 s timeout of the PermissionRequest hook in Claude Code's settings)", maxHookWait)
 	}
 	if err := loadNotifyConfig(getenv, &c); err != nil { // notifications (issue 11)
 		return c, err

@@ -262,3 +262,7 @@ ALTER TABLE agent_instances ADD COLUMN IF NOT EXISTS title text;
 -- An approval with no decision that no longer requires input was closed
 -- without one (asked at the terminal while the person was at the desk, or
 -- answered at the terminal or timed out): decision_message says which.
+-- An approval a PermissionRequest hook asked: turning Away off closes the
+-- open ones, so their hooks answer {} and the terminal prompt shows.
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS via_hook boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS messages_open_hook ON messages (user_id) WHERE via_hook AND requires_user_input;

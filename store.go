@@ -1547,6 +1547,14 @@ type approvalRequest struct {
 	ToolUseID string
 	Content   string // what the timeline and the notification show
 	Rule      sessionRule
+	// ResumeOpenOnly: without a tool_use_id, resume only an undecided
+	// approval, never a decided one (a PermissionRequest hook: Claude Code
+	// sends no tool_use_id and the hook never sees the calls in between, so
+	// the same request again is a new question).
+	ResumeOpenOnly bool
+	// ViaHook: asked by a PermissionRequest hook (turning Away off closes
+	// the open ones).
+	ViaHook bool
 }
 
 // approval is where an approval stands.
@@ -1582,8 +1590,9 @@ func (s *store) latestActiveSession(ctx context.Context, userID, agentType strin
 
 // askApproval stores an approval in the session, or resumes one: the
 // session's approval with the same tool_use_id, or (without one) an
-// undecided approval of the same tool and input, or a decided one that is
-// still the session's latest agent message. A call that matches a session
+// undecided approval of the same tool and input, or (unless
+// in.ResumeOpenOnly) a decided one that is still the session's latest agent
+// message. A call that matches a session
 // rule is stored already allowed by it, without asking or notifying. It
 // returns errNotFound if the session is not userID's (or is missing and may
 // not be created).
@@ -1609,11 +1618,11 @@ func (s *store) askApproval(ctx context.Context, userID string, in approvalReque
 				AND (m.decision IS NOT NULL OR m.requires_user_input) -- never a closed one (issue 15)
 				AND CASE WHEN $3 <> '' THEN m.tool_use_id = $3
 					ELSE m.tool_use_id IS NULL AND m.tool_name = $4 AND m.tool_input = $5::jsonb
-						AND (m.decision IS NULL OR m.seq = (SELECT max(seq) FROM messages
-							WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'AGENT'))
+						AND (m.decision IS NULL OR (NOT $7 AND m.seq = (SELECT max(seq) FROM messages
+							WHERE agent_instance_id = $1 AND user_id = $2 AND sender_type = 'AGENT')))
 					END
 			ORDER BY m.seq DESC LIMIT 1`,
-			in.SessionID, userID, in.ToolUseID, in.ToolName, string(in.Input), timeout.Seconds(),
+			in.SessionID, userID, in.ToolUseID, in.ToolName, string(in.Input), timeout.Seconds(), in.ResumeOpenOnly,
 		).Scan(&ap.ID, &decision, &msg, &rule, &left)
 		if err == nil {
 			ap.Resumed, ap.Left = true, time.Duration(left*float64(time.Second))
@@ -1659,8 +1668,8 @@ func markApproval(ctx context.Context, tx *sql.Tx, userID, id string, in approva
 	_, err := tx.ExecContext(ctx, `
 		UPDATE messages SET kind = 'approval', tool_name = $3, tool_input = $4::jsonb, tool_use_id = NULLIF($5, ''),
 			decision = NULLIF($6, ''), decided_by_rule = NULLIF($7, ''), decided_at = CASE WHEN $6 <> '' THEN now() END,
-			decision_message = NULLIF($8, '')
-		WHERE id = $1 AND user_id = $2`, id, userID, in.ToolName, string(in.Input), in.ToolUseID, decision, rule, note)
+			decision_message = NULLIF($8, ''), via_hook = $9
+		WHERE id = $1 AND user_id = $2`, id, userID, in.ToolName, string(in.Input), in.ToolUseID, decision, rule, note, in.ViaHook)
 	if err != nil {
 		return fmt.Errorf("mark approval: %w", err)
 	}
@@ -2105,9 +2114,11 @@ func (s *store) presence(ctx context.Context, userID string) (bool, error) {
 	return away, nil
 }
 
-// setPresence turns userID's Away switch on or off. It returns errNotFound
-// for an unknown user.
-func (s *store) setPresence(ctx context.Context, userID string, away bool) error {
+// setPresence turns userID's Away switch on or off. Off (the person is at
+// the keyboard) closes the open approvals that PermissionRequest hooks
+// asked, with note, so their hooks answer {} and Claude Code shows its own
+// prompt. It returns errNotFound for an unknown user.
+func (s *store) setPresence(ctx context.Context, userID string, away bool, note string) error {
 	res, err := s.db.ExecContext(ctx, `UPDATE users SET away = $2, updated_at = now() WHERE id = $1`, userID, away)
 	if err != nil {
 		return fmt.Errorf("set presence: %w", err)
@@ -2115,14 +2126,44 @@ func (s *store) setPresence(ctx context.Context, userID string, away bool) error
 	if n, _ := res.RowsAffected(); n == 0 {
 		return errNotFound
 	}
+	if away {
+		return nil
+	}
+	rows, err := s.db.QueryContext(ctx, `
+		SELECT id, agent_instance_id FROM messages
+		WHERE user_id = $1 AND via_hook AND requires_user_input AND kind = 'approval' AND decision IS NULL`, userID)
+	if err != nil {
+		return fmt.Errorf("set presence: %w", err)
+	}
+	var open [][2]string
+	for rows.Next() {
+		var id, sid string
+		if err := rows.Scan(&id, &sid); err != nil {
+			rows.Close()
+			return fmt.Errorf("set presence: %w", err)
+		}
+		open = append(open, [2]string{id, sid})
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("set presence: %w", err)
+	}
+	for _, o := range open {
+		// Each under its session's lock; one decided meanwhile stays decided.
+		if _, err := s.closeApproval(ctx, userID, o[1], o[0], note); err != nil && !errors.Is(err, errNotFound) {
+			return fmt.Errorf("set presence: %w", err)
+		}
+	}
 	return nil
 }
 
 // openHookSession makes sure Claude Code's session is userID's agentline
 // session: created on first sight with agent type claude-code and title as
-// its title (a title already kept stays). It returns errNotFound when the
-// id is another user's session.
-func (s *store) openHookSession(ctx context.Context, userID, sessionID, title string) error {
+// its title (a title already kept stays). With reopen, a COMPLETED session
+// is ACTIVE again (`claude --resume` keeps the session id: any event but
+// SessionEnd means it runs). It returns errNotFound when the id is another
+// user's session.
+func (s *store) openHookSession(ctx context.Context, userID, sessionID, title string, reopen bool) error {
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		if _, err := lockOrCreateSession(ctx, tx, userID, sessionID, hookAgentType); err != nil {
 			return err
@@ -2130,12 +2171,50 @@ func (s *store) openHookSession(ctx context.Context, userID, sessionID, title st
 		_, err := tx.ExecContext(ctx, `
 			UPDATE agent_instances SET title = $3
 			WHERE id = $1 AND user_id = $2 AND title IS NULL AND $3 <> ''`, sessionID, userID, cutChars(cleanText(title), maxTitleChars))
-		return err
+		if err != nil || !reopen {
+			return err
+		}
+		res, err := tx.ExecContext(ctx, `
+			UPDATE agent_instances SET status = 'ACTIVE', ended_at = NULL, last_activity_at = now()
+			WHERE id = $1 AND user_id = $2 AND status = 'COMPLETED'`, sessionID, userID)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return nil
+		}
+		return notifySession(ctx, tx, userID, sessionID)
 	})
 	if err != nil {
 		return fmt.Errorf("open hook session: %w", err)
 	}
 	return nil
+}
+
+// endHookSession ends userID's session (SessionEnd). A session agentline
+// never saw is left alone: nothing is created or sent. It returns
+// errNotFound when the id is another user's session.
+func (s *store) endHookSession(ctx context.Context, userID, sessionID string) error {
+	err := s.endSession(ctx, userID, sessionID)
+	if !errors.Is(err, errNotFound) {
+		return err
+	}
+	// Missing or another user's: creating it, as every other event would,
+	// says which (another user's id stays not found); then rolled back.
+	errUnseen := errors.New("unseen session")
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		if _, err := lockOrCreateSession(ctx, tx, userID, sessionID, hookAgentType); err != nil {
+			return err
+		}
+		return errUnseen
+	})
+	if errors.Is(err, errUnseen) {
+		return nil
+	}
+	if err != nil && !errors.Is(err, errNotFound) {
+		return fmt.Errorf("end hook session: %w", err)
+	}
+	return err
 }
 
 // maxTitleChars bounds a session's title (a path, but sent by a client).
@@ -2153,6 +2232,9 @@ type hookStep struct {
 	// session has an open approval (it already asks the person).
 	QuietWhenApprovalOpen bool
 	Timeout               time.Duration // QUESTION_TIMEOUT: an older approval is no longer open
+	// HookWait: an older approval a hook asked has no hook waiting any more
+	// (it hung up), so Claude Code shows its own prompt: not counted.
+	HookWait time.Duration
 }
 
 // addHookStep stores a hook's step in userID's existing session, marks the
@@ -2170,8 +2252,9 @@ func (s *store) addHookStep(ctx context.Context, userID string, in hookStep) (bo
 			err := tx.QueryRowContext(ctx, `
 				SELECT EXISTS (SELECT 1 FROM messages
 					WHERE agent_instance_id = $1 AND user_id = $2 AND kind = 'approval' AND decision IS NULL
-						AND requires_user_input AND created_at + make_interval(secs => $3) > now())`,
-				in.SessionID, userID, in.Timeout.Seconds()).Scan(&open)
+						AND requires_user_input
+						AND created_at + make_interval(secs => CASE WHEN via_hook THEN $4::float8 ELSE $3::float8 END) > now())`,
+				in.SessionID, userID, in.Timeout.Seconds(), in.HookWait.Seconds()).Scan(&open)
 			if err != nil || open {
 				return err
 			}
