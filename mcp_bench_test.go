@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -55,16 +54,8 @@ func BenchmarkMCPLogStep(b *testing.B) {
 			sessions[i] = mcpTNewSession(b, mcpTConnect(b, e, mcpTStreamable, key, mcpTDial{ua: "claude-code/1.0"}))
 		}
 		mcpTRunParallel(b, func(i int) error {
-			body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"log_step","arguments":{"agent_instance_id":"` + sessions[i] +
-				`","step_description":"ran the tests"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"claude-code","version":"2.1.332"},"io.modelcontextprotocol/clientCapabilities":{}}}}`
-			req, _ := http.NewRequest("POST", e.srv.URL+"/mcp/", strings.NewReader(body))
-			req.Header.Set("Authorization", "Bearer "+key)
-			req.Header.Set("Content-Type", "application/json")
-			req.Header.Set("Accept", "application/json, text/event-stream")
-			req.Header.Set("User-Agent", "claude-code/2.1.332 (sdk-cli)")
-			req.Header.Set("Mcp-Protocol-Version", "2026-07-28")
-			req.Header.Set("Mcp-Method", "tools/call")
-			req.Header.Set("Mcp-Name", "log_step")
+			req := mcpTRequest(context.Background(), e.srv.URL, key, "tools/call", "log_step",
+				`{"name":"log_step","arguments":{"agent_instance_id":"`+sessions[i]+`","step_description":"ran the tests"}}`)
 			res, err := c.Do(req)
 			if err != nil {
 				return err

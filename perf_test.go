@@ -1099,12 +1099,7 @@ func perfHoldWaiters(t *testing.T, bin string, mix perfWaiterMix) perfWaiterRepo
 // perfToolsList makes one MCP tools/list request (MCP 2026-07-28, no
 // session): garbage for the collector.
 func perfToolsList(ctx context.Context, c *http.Client, base, key string) {
-	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/mcp/", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"perf","version":"1"},"io.modelcontextprotocol/clientCapabilities":{}}}}`))
-	req.Header.Set("Authorization", "Bearer "+key)
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "application/json, text/event-stream")
-	req.Header.Set("Mcp-Protocol-Version", "2026-07-28")
-	req.Header.Set("Mcp-Method", "tools/list")
+	req := mcpTRequest(ctx, base, key, "tools/list", "", "")
 	if res, err := c.Do(req); err == nil {
 		io.Copy(io.Discard, res.Body)
 		res.Body.Close()

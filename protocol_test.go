@@ -187,14 +187,7 @@ func TestMCPQuickCallsAnswerJSON(t *testing.T) {
 	key := e.mustKey(t, "quick@example.com", scopeAgent)
 	post := func(name, args string, header string) (int, string, string) {
 		t.Helper()
-		body := fmt.Sprintf(`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":%q,"arguments":%s,"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"raw","version":"1"},"io.modelcontextprotocol/clientCapabilities":{}}}}`, name, args)
-		req, _ := http.NewRequest("POST", e.srv.URL+"/mcp/", strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer "+key)
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Accept", "application/json, text/event-stream")
-		req.Header.Set("Mcp-Protocol-Version", "2026-07-28")
-		req.Header.Set("Mcp-Method", "tools/call")
-		req.Header.Set("Mcp-Name", header)
+		req := mcpTRequest(context.Background(), e.srv.URL, key, "tools/call", header, fmt.Sprintf(`{"name":%q,"arguments":%s}`, name, args))
 		res, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -214,4 +207,28 @@ func TestMCPQuickCallsAnswerJSON(t *testing.T) {
 	if code, _, body = post("ask_question", `{"agent_instance_id":"not-a-uuid","question_text":"?"}`, "log_step"); code < 400 || code > 499 {
 		t.Fatalf("a lying Mcp-Name header: %d %s", code, body)
 	}
+}
+
+// mcpTRequest is one MCP 2026-07-28 request as Claude Code sends it: no
+// session, the method (and a tool call's name) in headers too; params get
+// the client's _meta. name is the Mcp-Name header ("" for none).
+func mcpTRequest(ctx context.Context, url, key, method, name, params string) *http.Request {
+	meta := `"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"claude-code","version":"2.1.332"},"io.modelcontextprotocol/clientCapabilities":{}}`
+	if params == "" {
+		params = "{" + meta + "}"
+	} else {
+		params = strings.TrimSuffix(params, "}") + "," + meta + "}"
+	}
+	body := fmt.Sprintf(`{"jsonrpc":"2.0","id":1,"method":%q,"params":%s}`, method, params)
+	req, _ := http.NewRequestWithContext(ctx, "POST", url+"/mcp/", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+key)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	req.Header.Set("User-Agent", "claude-code/2.1.332 (sdk-cli)")
+	req.Header.Set("Mcp-Protocol-Version", "2026-07-28")
+	req.Header.Set("Mcp-Method", method)
+	if name != "" {
+		req.Header.Set("Mcp-Name", name)
+	}
+	return req
 }
