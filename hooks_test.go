@@ -866,3 +866,38 @@ func TestHookPromptAfterLeftover(t *testing.T) {
 		t.Fatalf("%d agent.waiting after HOOK_WAIT, want 1", n)
 	}
 }
+
+// The cwd Claude Code reports is the session's title in the person's
+// sessions list; other sessions have none (null).
+func TestHookTitleInSessions(t *testing.T) {
+	t.Parallel()
+	e, agent, person := hkEnv(t, "title@example.com")
+	sid := newUUID()
+	if code, b := e.call(t, "POST", hookPath, agent, hkEvent(sid, "Stop", nil)); code != 200 {
+		t.Fatalf("Stop: %d %s", code, b)
+	}
+	plain := mcpTNewSession(t, mcpTConnect(t, e, mcpTStreamable, agent, mcpTDial{}))
+	code, b := e.call(t, "GET", "/api/v1/sessions", person, nil)
+	if code != 200 {
+		t.Fatalf("sessions: %d %s", code, b)
+	}
+	var page struct {
+		Sessions []struct {
+			ID    string  `json:"id"`
+			Title *string `json:"title"`
+		} `json:"sessions"`
+	}
+	if err := json.Unmarshal(b, &page); err != nil {
+		t.Fatal(err)
+	}
+	titles := map[string]*string{}
+	for _, s := range page.Sessions {
+		titles[s.ID] = s.Title
+	}
+	if got := titles[sid]; got == nil || *got != "/home/me/project" {
+		t.Fatalf("the hook session's title: %v", got)
+	}
+	if got, ok := titles[plain]; !ok || got != nil {
+		t.Fatalf("a session without hooks: title %v (listed %v)", got, ok)
+	}
+}

@@ -600,6 +600,7 @@ type sessionSummary struct {
 	StartedAt      time.Time
 	EndedAt        sql.NullTime
 	LastActivityAt time.Time
+	Title          sql.NullString // Claude Code's cwd, from its hooks (issue 15)
 	LastMessage    sql.NullString // the latest message's first characters (see listSessions)
 	QuestionID     sql.NullString // the open question, if any
 	Question       sql.NullString
@@ -628,10 +629,10 @@ func (s *store) listSessions(ctx context.Context, userID, status string, cursor 
 	// left(…, 800): 200 characters are at most 800 bytes, whatever the
 	// database's encoding; the handler cuts to 200 characters.
 	out, err := queryAll(ctx, s.db, func(ss *sessionSummary) []any {
-		return []any{&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt,
+		return []any{&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt, &ss.Title,
 			&ss.LastMessage, &ss.QuestionID, &ss.Question}
 	}, `
-		SELECT a.id, ua.name, a.status, a.started_at, a.ended_at, a.last_activity_at,
+		SELECT a.id, ua.name, a.status, a.started_at, a.ended_at, a.last_activity_at, a.title,
 			left(lm.content, 800),
 			CASE WHEN lm.asks THEN lm.id END,
 			CASE WHEN lm.asks THEN lm.content END
@@ -725,9 +726,9 @@ func (s *store) messagesAfter(ctx context.Context, userID string, after int64, l
 // calls sees every change made in between.
 func (s *store) recentSessions(ctx context.Context, userID string, window time.Duration) ([]sessionSummary, error) {
 	out, err := queryAll(ctx, s.db, func(ss *sessionSummary) []any {
-		return []any{&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt}
+		return []any{&ss.ID, &ss.AgentType, &ss.Status, &ss.StartedAt, &ss.EndedAt, &ss.LastActivityAt, &ss.Title}
 	}, `
-		SELECT a.id, ua.name, a.status, a.started_at, a.ended_at, a.last_activity_at
+		SELECT a.id, ua.name, a.status, a.started_at, a.ended_at, a.last_activity_at, a.title
 		FROM agent_instances a JOIN user_agents ua ON ua.id = a.user_agent_id AND ua.user_id = $1
 		WHERE a.user_id = $1 AND a.last_activity_at > now() - make_interval(secs => $2)
 		ORDER BY a.last_activity_at DESC, a.id DESC

@@ -52,6 +52,7 @@ type sessionJSON struct {
 	StartedAt      string  `json:"started_at"`
 	EndedAt        *string `json:"ended_at"`
 	LastActivityAt string  `json:"last_activity_at"`
+	Title          *string `json:"title"` // Claude Code's working directory (hooks, issue 15); null when none
 }
 
 func toSessionJSON(s sessionSummary) sessionJSON {
@@ -60,6 +61,9 @@ func toSessionJSON(s sessionSummary) sessionJSON {
 	if s.EndedAt.Valid {
 		t := timeJSON(s.EndedAt.Time)
 		j.EndedAt = &t
+	}
+	if s.Title.Valid {
+		j.Title = &s.Title.String
 	}
 	return j
 }

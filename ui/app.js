@@ -428,6 +428,7 @@
     }
     s.status = ev.status;
     s.agent_type = ev.agent_type;
+    s.title = ev.title;
     s.ended_at = ev.ended_at;
     s.last_activity_at = ev.last_activity_at;
     if (ev.status === 'COMPLETED') s.open_question = null;
@@ -634,6 +635,7 @@
       b.dataset.session = s.id;
       const top = el('span', 'row');
       top.append(el('span', 'agent', s.agent_type), statusBadge(s.status), el('span', 'meta when', ago(s.last_activity_at)));
+      if (s.title) top.append(el('span', 'meta title', s.title)); // Claude Code's working directory
       const last = el('span', 'last');
       if (s.last_message && s.last_sender === 'USER') last.append(el('strong', 'you', 'You: '));
       last.append(s.last_message || '');
