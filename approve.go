@@ -281,24 +281,17 @@ func checkToolCall(toolName, inputField string, rawInput json.RawMessage, toolUs
 }
 
 // awaitApproval waits until approval ap of the session is decided, closed,
-// ended or expired, or limit passes (limit <= 0, or past the approval's
-// timeout: until its timeout), holding c's key (a revoked key ends the
-// wait), running report every `every` meanwhile (MCP progress; nil for
-// none). It returns where ap stands then.
+// ended or expired, or limit passes (see waitAnswer). It returns where ap
+// stands then.
 func (a *app) awaitApproval(ctx context.Context, c caller, sid string, ap approval, limit, every time.Duration, report func() error) (approval, error) {
-	if limit <= 0 || limit > ap.Left {
-		limit = ap.Left
-	}
-	wctx, release := a.keys.hold(ctx, c, 0)
-	defer release()
-	_, err := a.wait(wctx, "s:"+sid, max(limit, time.Millisecond), func() (bool, error) {
+	err := a.waitAnswer(ctx, c, sid, ap.Left, limit, every, report, func() (bool, error) {
 		o, err := a.store.approvalOutcome(ctx, c.UserID, sid, ap.ID, a.cfg.questionTimeout)
 		if err == nil {
 			o.Resumed, o.Left = ap.Resumed, ap.Left
 			ap = o
 		}
 		return err != nil || ap.State != questionOpen, err
-	}, every, report)
+	})
 	return ap, err
 }
 

@@ -258,6 +258,22 @@ func (h *hub) watch(ctx context.Context, every time.Duration, send func(ctx cont
 // hubCheckEvery is how often each replica's hub checks itself (watch).
 const hubCheckEvery = time.Minute
 
+// waitAnswer is how a call waits for the person (ask_question, approve, a
+// PermissionRequest hook): on session sid until check reports done, for at
+// most limit or, when limit is 0 or longer, what is left of the question's
+// time (left); holding c's key, so a revoked key ends the wait (its cause,
+// errKeyRevoked); running report every `every` meanwhile (MCP progress; nil
+// for none).
+func (a *app) waitAnswer(ctx context.Context, c caller, sid string, left, limit, every time.Duration, report func() error, check func() (bool, error)) error {
+	if limit <= 0 || limit > left {
+		limit = left
+	}
+	wctx, release := a.keys.hold(ctx, c, 0)
+	defer release()
+	_, err := a.wait(wctx, "s:"+sid, max(limit, time.Millisecond), check, every, report)
+	return err
+}
+
 // errShuttingDown ends waits when the server stops.
 var errShuttingDown = errors.New("server is shutting down")
 

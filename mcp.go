@@ -482,27 +482,21 @@ func (m *mcpServer) askQuestion(ctx context.Context, who mcpCaller, req *mcp.Cal
 	}
 	// Wait for the call's limit or what is left of the question's time,
 	// whichever is first; the key is re-checked while it waits.
-	limit := q.Left
-	if l := m.a.cfg.callLimit; l > 0 && l < limit {
-		limit = l
-	}
-	wctx, release := m.a.keys.hold(ctx, who.caller, 0)
-	defer release()
 	every, report := m.progress(ctx, req)
 	var o outcome
 	defer m.a.ops.metrics.answerWait()(&o.State, &o.Answer)
-	_, err = m.a.wait(wctx, "s:"+id, max(limit, time.Millisecond), func() (bool, error) {
+	err = m.a.waitAnswer(ctx, who.caller, id, q.Left, m.a.cfg.callLimit, every, report, func() (bool, error) {
 		var err error
 		o, err = m.a.store.questionOutcome(ctx, who.UserID, id, q, timeout, false)
 		return err != nil || o.State != questionOpen, err
-	}, every, report)
+	})
 	if err == nil && o.State == questionOpen {
 		// The call returns now: it hands over the feedback queued before the
 		// question, and says whether the question timed out meanwhile.
 		o, err = m.a.store.questionOutcome(ctx, who.UserID, id, q, timeout, true)
 	}
 	if err != nil {
-		return nil, askQuestionOut{}, m.storeToolError(wctx, "ask_question", err)
+		return nil, askQuestionOut{}, m.storeToolError(ctx, "ask_question", err)
 	}
 	out := askQuestionOut{QuestionID: q.ID, UserFeedback: contents(o.Feedback)}
 	switch o.State {
