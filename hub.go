@@ -91,19 +91,7 @@ func (h *hub) run() {
 				h.wakeAll()
 				continue
 			}
-			// The payload is "KIND USER SESSION SEQ"; kind "o": the
-			// notification outbox has new rows; kind "p": a replica's
-			// self-check (watch), its token in place of the user.
-			if f := strings.Fields(n.Extra); len(f) == 4 && f[0] == "o" {
-				h.wake(outboxTopic)
-			} else if len(f) == 4 && f[0] == "p" {
-				h.heard.Store(&f[1])
-			} else if len(f) == 4 && f[0] == "c" {
-				h.cancelCall(f[1] + " " + f[2])
-			} else if len(f) == 4 {
-				h.wake("u:" + f[1])
-				h.wake("s:" + f[2])
-			}
+			h.dispatch(n.Extra)
 		case <-ping.C:
 			// A dead connection is noticed here at the latest; the listener
 			// then reconnects and the nil notification above wakes everyone.
@@ -116,6 +104,29 @@ func (h *hub) run() {
 				}()
 			}
 		}
+	}
+}
+
+// dispatch acts on one notification. The payload is "KIND USER SESSION
+// SEQ"; kind "o": the notification outbox has new rows; "p": a replica's
+// self-check (watch), its token in place of the user; "c": a cancellation
+// (holdCall), its call key in place of the session; any other: a message
+// or a session changed.
+func (h *hub) dispatch(payload string) {
+	f := strings.Fields(payload)
+	if len(f) != 4 {
+		return
+	}
+	switch f[0] {
+	case "o":
+		h.wake(outboxTopic)
+	case "p":
+		h.heard.Store(&f[1])
+	case "c":
+		h.cancelCall(f[1] + " " + f[2])
+	default:
+		h.wake("u:" + f[1])
+		h.wake("s:" + f[2])
 	}
 }
 
