@@ -163,7 +163,7 @@ func (a *app) hookPermission(r *http.Request, c caller, sid string, in hookPermi
 	if err != nil {
 		return nil, err
 	}
-	if err := a.store.openHookSession(ctx, c.UserID, sid, in.Cwd, true); err != nil {
+	if err := a.store.openHookSession(ctx, c.UserID, sid, in.Cwd); err != nil {
 		return nil, err
 	}
 	req := approvalRequest{SessionID: sid, ToolName: tool, Input: input, ToolUseID: cleanText(in.ToolUseID),
@@ -173,7 +173,7 @@ func (a *app) hookPermission(r *http.Request, c caller, sid string, in hookPermi
 		return nil, err
 	}
 	if !away {
-		_, err = a.store.addHookStep(ctx, c.UserID, hookStep{SessionID: sid, Content: req.Content, Approval: &req, Note: hookDeskNote})
+		err = a.store.addHookStep(ctx, c.UserID, hookStep{SessionID: sid, Content: req.Content, Approval: &req, Note: hookDeskNote})
 		return hookOutput{}, err
 	}
 	ap, err := a.store.askApproval(ctx, c.UserID, req, a.cfg.questionTimeout)
@@ -216,11 +216,10 @@ func permissionOutput(ap approval) hookOutput {
 // recordHookStep stores a Notification's or Stop's step in the session (created
 // on first sight) and answers {}.
 func (a *app) recordHookStep(r *http.Request, c caller, cwd string, step hookStep) (any, error) {
-	if err := a.store.openHookSession(r.Context(), c.UserID, step.SessionID, cwd, true); err != nil {
+	if err := a.store.openHookSession(r.Context(), c.UserID, step.SessionID, cwd); err != nil {
 		return nil, err
 	}
-	_, err := a.store.addHookStep(r.Context(), c.UserID, step)
-	return hookOutput{}, err
+	return hookOutput{}, a.store.addHookStep(r.Context(), c.UserID, step)
 }
 
 // maxHookText bounds the text a hook stores.

@@ -2160,11 +2160,11 @@ func (s *store) setPresence(ctx context.Context, userID string, away bool, note 
 
 // openHookSession makes sure Claude Code's session is userID's agentline
 // session: created on first sight with agent type claude-code and title as
-// its title (a title already kept stays). With reopen, a COMPLETED session
-// is ACTIVE again (`claude --resume` keeps the session id: any event but
-// SessionEnd means it runs). It returns errNotFound when the id is another
-// user's session.
-func (s *store) openHookSession(ctx context.Context, userID, sessionID, title string, reopen bool) error {
+// its title (a title already kept stays); a COMPLETED session is ACTIVE
+// again (`claude --resume` keeps the session id: any event but SessionEnd
+// means it runs). It returns errNotFound when the id is another user's
+// session.
+func (s *store) openHookSession(ctx context.Context, userID, sessionID, title string) error {
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		if _, err := lockOrCreateSession(ctx, tx, userID, sessionID, hookAgentType); err != nil {
 			return err
@@ -2172,7 +2172,7 @@ func (s *store) openHookSession(ctx context.Context, userID, sessionID, title st
 		_, err := tx.ExecContext(ctx, `
 			UPDATE agent_instances SET title = $3
 			WHERE id = $1 AND user_id = $2 AND title IS NULL AND $3 <> ''`, sessionID, userID, cutChars(cleanText(title), maxTitleChars))
-		if err != nil || !reopen {
+		if err != nil {
 			return err
 		}
 		res, err := tx.ExecContext(ctx, `
@@ -2240,10 +2240,9 @@ type hookStep struct {
 
 // addHookStep stores a hook's step in userID's existing session, marks the
 // session waiting when asked, and enqueues its notification, in one
-// transaction. It reports whether it stored anything, and returns
-// errNotFound if the session is missing or not userID's.
-func (s *store) addHookStep(ctx context.Context, userID string, in hookStep) (bool, error) {
-	stored := false
+// transaction. It returns errNotFound if the session is missing or not
+// userID's.
+func (s *store) addHookStep(ctx context.Context, userID string, in hookStep) error {
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		if _, _, _, err := lockSession(ctx, tx, userID, in.SessionID); err != nil {
 			return err
@@ -2264,7 +2263,6 @@ func (s *store) addHookStep(ctx context.Context, userID string, in hookStep) (bo
 		if err != nil {
 			return err
 		}
-		stored = true
 		if in.Approval != nil {
 			if err := markApproval(ctx, tx, userID, m.ID, *in.Approval, "", "", in.Note); err != nil {
 				return err
@@ -2283,9 +2281,9 @@ func (s *store) addHookStep(ctx context.Context, userID string, in hookStep) (bo
 		return enqueueNotification(ctx, tx, userID, in.SessionID, in.Event, m.ID)
 	})
 	if err != nil {
-		return false, fmt.Errorf("add hook step: %w", err)
+		return fmt.Errorf("add hook step: %w", err)
 	}
-	return stored, nil
+	return nil
 }
 
 // closeApproval closes approval id of the session without a decision, with
