@@ -19,10 +19,7 @@ import (
 )
 
 func TestBrowserApprovals(t *testing.T) {
-	chrome := uiFindChromium()
-	if chrome == "" {
-		t.Skip("browser test skipped: no Chromium found on PATH (apt-get install chromium; .ci/run installs it)")
-	}
+	chrome := uiChromium(t)
 	e := newTestEnv(t)
 	person := e.mustKey(t, "me@example.com", scopePerson)
 	agent := e.mustKey(t, "me@example.com", scopeAgent)
@@ -37,12 +34,7 @@ func TestBrowserApprovals(t *testing.T) {
 
 	b := uiStartBrowser(t, ctx, chrome)
 	// A refused key stays in the field, so it can be corrected.
-	b.do(t, "a refused key",
-		chromedp.Navigate(e.srv.URL+"/"),
-		chromedp.WaitVisible(chromedp.CSS("#key")),
-		chromedp.SendKeys(chromedp.CSS("#key"), "not-a-key"),
-		chromedp.Click(chromedp.CSS("#signin-form button[type=submit]")),
-	)
+	b.signIn(t, "a refused key", e.srv.URL, "not-a-key")
 	b.waitJS(t, "the refusal", `document.getElementById('signin-error').textContent.includes('refused')`)
 	if got := uiEval[string](t, b, `document.getElementById('key').value`); got != "not-a-key" {
 		t.Fatalf("the key field holds %q after a refusal", got)

@@ -36,6 +36,28 @@ func uiFindChromium() string {
 	return ""
 }
 
+// uiChromium returns the path of Chromium, or skips t when there is none.
+func uiChromium(t *testing.T) string {
+	t.Helper()
+	chrome := uiFindChromium()
+	if chrome == "" {
+		t.Skip("browser test skipped: no Chromium found on PATH (apt-get install chromium; .ci/run installs it)")
+	}
+	return chrome
+}
+
+// signIn opens the page at base and signs in with key, then runs then; what
+// names the step in a failure.
+func (b *uiBrowser) signIn(t *testing.T, what, base, key string, then ...chromedp.Action[chromedp.Void]) {
+	t.Helper()
+	b.do(t, what, append([]chromedp.Action[chromedp.Void]{
+		chromedp.Navigate(base + "/"),
+		chromedp.WaitVisible(chromedp.CSS("#key")),
+		chromedp.SendKeys(chromedp.CSS("#key"), key),
+		chromedp.Click(chromedp.CSS("#signin-form button[type=submit]")),
+	}, then...)...)
+}
+
 // uiBrowser starts a headless Chromium with a fresh profile and returns a
 // tab's context. Dialogs are counted (and dismissed); uncaught exceptions and
 // console errors are collected.
@@ -176,10 +198,7 @@ type uiStepResult struct {
 }
 
 func TestBrowserInbox(t *testing.T) {
-	chrome := uiFindChromium()
-	if chrome == "" {
-		t.Skip("browser test skipped: no Chromium found on PATH (apt-get install chromium; .ci/run installs it)")
-	}
+	chrome := uiChromium(t)
 	e := newTestEnv(t)
 	person := e.mustKey(t, "me@example.com", scopePerson)
 	agent := e.mustKey(t, "me@example.com", scopeAgent)
@@ -202,12 +221,7 @@ func TestBrowserInbox(t *testing.T) {
 
 	b := uiStartBrowser(t, ctx, chrome)
 	// An agent key may not read: the page says so and stays signed out.
-	b.do(t, "sign in with an agent key",
-		chromedp.Navigate(e.srv.URL+"/"),
-		chromedp.WaitVisible(chromedp.CSS("#key")),
-		chromedp.SendKeys(chromedp.CSS("#key"), agent),
-		chromedp.Click(chromedp.CSS("#signin-form button[type=submit]")),
-	)
+	b.signIn(t, "sign in with an agent key", e.srv.URL, agent)
 	b.waitJS(t, "the agent key refused", `document.getElementById('signin-error').textContent.includes('agent key')`)
 	if uiEval[bool](t, b, `localStorage.getItem('agentline.key') !== null || !document.getElementById('inbox').hidden`) {
 		t.Fatal("signed in with an agent key")
@@ -380,10 +394,7 @@ func TestBrowserScreenshots(t *testing.T) {
 	if os.Getenv("UPDATE_SCREENSHOTS") != "1" {
 		t.Skip("set UPDATE_SCREENSHOTS=1 to rewrite the screenshots in docs/")
 	}
-	chrome := uiFindChromium()
-	if chrome == "" {
-		t.Skip("no Chromium found on PATH")
-	}
+	chrome := uiChromium(t)
 	e := newTestEnv(t)
 	person := e.mustKey(t, "me@example.com", scopePerson)
 	agent := e.mustKey(t, "me@example.com", scopeAgent)

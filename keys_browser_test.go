@@ -12,10 +12,7 @@ import (
 // TestBrowserKeys: the inbox's Keys panel lists the user's keys, shows a
 // hostile key name as text, and its Revoke button cuts an agent key off.
 func TestBrowserKeys(t *testing.T) {
-	chrome := uiFindChromium()
-	if chrome == "" {
-		t.Skip("browser test skipped: no Chromium found on PATH (apt-get install chromium; .ci/run installs it)")
-	}
+	chrome := uiChromium(t)
 	e := newTestEnv(t)
 	person := e.mustKey(t, "me@example.com", scopePerson)
 	const hostile = `<img src=x onerror=alert(1)>`
@@ -29,11 +26,7 @@ func TestBrowserKeys(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	b := uiStartBrowser(t, ctx, chrome)
-	b.do(t, "sign in",
-		chromedp.Navigate(e.srv.URL+"/"),
-		chromedp.WaitVisible(chromedp.CSS("#key")),
-		chromedp.SendKeys(chromedp.CSS("#key"), person),
-		chromedp.Click(chromedp.CSS("#signin-form button[type=submit]")),
+	b.signIn(t, "sign in", e.srv.URL, person,
 		chromedp.WaitVisible(chromedp.CSS("#keys-box summary")),
 		chromedp.Click(chromedp.CSS("#keys-box summary")),
 	)

@@ -18,10 +18,7 @@ import (
 )
 
 func TestBrowserNotifications(t *testing.T) {
-	chrome := uiFindChromium()
-	if chrome == "" {
-		t.Skip("browser test skipped: no Chromium found on PATH (apt-get install chromium; .ci/run installs it)")
-	}
+	chrome := uiChromium(t)
 	e := newTestEnv(t)
 	person := e.mustKey(t, "panel@example.com", scopePerson)
 	agent := e.mustKey(t, "panel@example.com", scopeAgent)
@@ -29,11 +26,7 @@ func TestBrowserNotifications(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	b := uiStartBrowser(t, ctx, chrome)
-	b.do(t, "sign in",
-		chromedp.Navigate(e.srv.URL+"/"),
-		chromedp.WaitVisible(chromedp.CSS("#key")),
-		chromedp.SendKeys(chromedp.CSS("#key"), person),
-		chromedp.Click(chromedp.CSS("#signin-form button[type=submit]")),
+	b.signIn(t, "sign in", e.srv.URL, person,
 		chromedp.WaitVisible(chromedp.CSS("#channels-toggle")),
 		chromedp.Click(chromedp.CSS("#channels-toggle")),
 		chromedp.WaitVisible(chromedp.CSS("#channel-form")),
